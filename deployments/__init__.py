@@ -1,0 +1,1 @@
+"""Deployments of the factory's flows, and the ``tessera`` command line."""

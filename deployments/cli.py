@@ -1,0 +1,150 @@
+"""The ``tessera`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import yaml
+
+from tasks.errors import FactoryError
+
+EPILOG = """examples:
+  tessera demo                               build the synthetic demo region (a few minutes)
+  tessera build -c build.yaml                build what a config file says
+  tessera build --bbox 0.1 52.19 0.16 52.2 --year 2023 --set training.steps=300
+  tessera plan --bbox 5.9 45 6.1 45.05       list the tiles of a region (zone crossing shown)
+  tessera config --demo > build.yaml         write a starting config
+  tessera serve                              serve the deployments to a Prefect API
+"""
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML/TOML/JSON build config file.")
+    p.add_argument("--bbox", nargs=4, type=float, metavar=("MIN_LON", "MIN_LAT", "MAX_LON", "MAX_LAT"))
+    p.add_argument("--year", type=int)
+    p.add_argument("--output", help="Output root (local path or s3://).")
+    p.add_argument("--work", help="Work root for caches and intermediates.")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override any config field by dotted path, e.g. training.steps=50.")
+
+
+def _overrides(a: argparse.Namespace) -> dict[str, Any]:
+    from tasks.config import parse_overrides
+
+    o: dict[str, Any] = parse_overrides(a.set)
+    if a.bbox:
+        o.setdefault("region", {})["bbox"] = a.bbox
+        o["region"].setdefault("geojson", None)
+    if a.year is not None:
+        o["year"] = a.year
+    if a.seed is not None:
+        o["seed"] = a.seed
+    if a.output:
+        o.setdefault("storage", {})["output_uri"] = a.output
+    if a.work:
+        o.setdefault("storage", {})["work_uri"] = a.work
+    return o
+
+
+def _load(a: argparse.Namespace, demo: bool = False):  # noqa: ANN202
+    from tasks.config import _deep_merge, build_config, demo_config
+
+    if demo:
+        base = demo_config().model_dump(mode="json")
+        return build_config(None, _deep_merge(base, _overrides(a)))
+    return build_config(a.config, _overrides(a))
+
+
+def _run_build(cfg) -> int:  # noqa: ANN001
+    from flows.build import build_region, preflight
+
+    cfg = preflight(cfg)
+    result = build_region(config=cfg)
+    print()
+    print(f"Published {result.n_valid_pixels} pixels of {len(result.tiles)} tile(s) in {result.seconds:.0f} s.")
+    print(f"Store: {result.store_uri}  groups: {', '.join(result.groups)}")
+    print("Open it with:")
+    print("  import xarray as xr")
+    print(f"  ds = xr.open_zarr({result.store_uri!r}, group={result.groups[0]!r}, consolidated=False)")
+    print('  emb = ds["embeddings"] * ds["scales"]  # dequantised, NaN = no data')
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tessera", description="Build TESSERA embedding maps as a Prefect workflow.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("demo", help="Build the built-in synthetic demo region (no account, no network).")
+    _build_args(p)
+    p = sub.add_parser("build", help="Build one region and year from a config file and/or options.")
+    _build_args(p)
+    p = sub.add_parser("plan", help="Validate a config and list its tiles, without building.")
+    _build_args(p)
+    p = sub.add_parser("config", help="Print a build config (default or demo) or its JSON schema.")
+    p.add_argument("--demo", action="store_true", help="Print the demo config.")
+    p.add_argument("--schema", action="store_true", help="Print the JSON schema (the UI form).")
+    p = sub.add_parser("serve", help="Serve the deployments to the Prefect API (PREFECT_API_URL).")
+    p = sub.add_parser("export-dpixels", help="Export a tile's d-pixel group to reference npy folders.")
+    p.add_argument("group_uri")
+    p.add_argument("dest")
+    p.add_argument("--patch-px", type=int, default=500)
+    p = sub.add_parser("import-dpixels", help="Import a reference d-pixel folder into a d-pixel group.")
+    p.add_argument("folder")
+    p.add_argument("group_uri")
+    a = parser.parse_args(argv)
+    try:
+        return _dispatch(a)
+    except FactoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+    if a.cmd in ("demo", "build"):
+        return _run_build(_load(a, demo=a.cmd == "demo"))
+    if a.cmd == "plan":
+        from flows.build import plan
+
+        cfg = _load(a, demo=a.config is None and not a.bbox)
+        tiles = plan(cfg)
+        print(f"{len(tiles)} tile(s) of {cfg.tile_size_px} px for {cfg.region.name} {cfg.year}:")
+        for t in tiles:
+            print(f"  {t.id}  {t.crs}  bounds {t.bounds}")
+        return 0
+    if a.cmd == "config":
+        from tasks.config import BuildConfig, demo_config
+
+        if a.schema:
+            print(json.dumps(BuildConfig.model_json_schema(), indent=1))
+        else:
+            print(yaml.safe_dump(demo_config().model_dump(mode="json"), sort_keys=False))
+        return 0
+    if a.cmd == "serve":
+        from deployments.serve import serve_all
+
+        serve_all()
+        return 0
+    if a.cmd == "export-dpixels":
+        from tasks.config import StorageConfig
+        from tasks.dpixel_folder import export_dpixel_folders
+
+        paths = export_dpixel_folders(a.group_uri, a.dest, StorageConfig(), patch_px=a.patch_px)
+        print("\n".join(str(p) for p in paths))
+        return 0
+    if a.cmd == "import-dpixels":
+        from tasks.config import StorageConfig
+        from tasks.dpixel_folder import import_dpixel_folder
+
+        print(import_dpixel_folder(a.folder, a.group_uri, StorageConfig()))
+        return 0
+    raise AssertionError(a.cmd)  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The region build flow: scenes -> cloud masks -> d-pixels -> (training) -> embeddings ->
+int8 zone stores, for one region and year.
+
+The flow only composes tasks, names steps and reports: the work happens in the stage
+functions of :mod:`tasks`. Tasks pass small references (URIs and content keys).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from tasks import prefect_tasks as pt
+from tasks.config import BuildConfig, validate_build_config
+from tasks.grid import Tile, plan_tiles
+from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
+from tasks.storage import check_writable, join, normalise
+
+
+class BuildResult(BaseModel):
+    """What a build produced."""
+
+    store_uri: str = Field(description="The year's Zarr store.")
+    groups: list[str] = Field(description="Zone groups written.")
+    tiles: list[str] = Field(description="Tile ids built.")
+    model_version: str
+    n_valid_pixels: int
+    seconds: float
+
+
+def preflight(config: BuildConfig | dict[str, Any]) -> BuildConfig:
+    """Validate a config and check that its storage roots are writable, before any work."""
+    cfg = validate_build_config(config)
+    check_writable(cfg.storage.output_uri, cfg.storage, "storage.output_uri")
+    check_writable(cfg.storage.work_uri, cfg.storage, "storage.work_uri")
+    return cfg
+
+
+def plan(config: BuildConfig) -> list[Tile]:
+    """The tiles of a build."""
+    return plan_tiles(config.region.geometry(), config.tile_size_px)
+
+
+def _tile_rows(scenes: list[SceneRef], masks: list[MaskRef], dps: list[DPixelRef],
+               embs: list[EmbeddingRef], pubs: list[PublishRef]) -> list[dict[str, Any]]:
+    rows = []
+    for s, m, d, e, p in zip(scenes, masks, dps, embs, pubs, strict=True):
+        rows.append({
+            "tile": s.tile.id, "s2_scenes": s.n_s2, "s2_kept": m.n_kept,
+            "s1_asc": s.n_s1_ascending, "s1_desc": s.n_s1_descending,
+            "cloud_fraction": round(m.cloud_fraction, 3),
+            "mean_valid_s2_per_pixel": round(d.mean_valid_s2, 1),
+            "embedded_pixels": e.n_valid, "nodata_pixels": e.n_nodata,
+            "published": "skipped (same content)" if p.skipped else "written",
+        })
+    return rows
+
+
+@flow(
+    name="build-region",
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    validate_parameters=True,
+    flow_run_name="build-{config.region.name}-{config.year}",
+)
+def build_region(config: BuildConfig) -> BuildResult:
+    """Build TESSERA embeddings for one region and year and publish them as int8 Zarr."""
+    t0 = time.perf_counter()
+    log = get_run_logger()
+    cfg = preflight(config)
+    st = cfg.storage
+    tiles = plan(cfg)
+    log.info("Building %d tile(s) of %s for %d: %s", len(tiles), cfg.region.name, cfg.year,
+             ", ".join(t.id for t in tiles))
+    results = pt.result_storage_for(st)
+
+    def opt(t):  # noqa: ANN001, ANN202
+        return t.with_options(result_storage=results)
+
+    n_steps = len(tiles) * 5 + 1
+    progress = create_progress_artifact(progress=0.0, key="build-progress",
+                                        description=f"Tiles x stages done, {cfg.region.name} {cfg.year}")
+    done_steps = 0
+
+    def advance(futures: list[PrefectFuture]) -> list[Any]:
+        nonlocal done_steps
+        out = [f.result() for f in futures]
+        done_steps += len(futures)
+        update_progress_artifact(progress, progress=100.0 * done_steps / n_steps)
+        return out
+
+    scene_f = [opt(pt.acquire_task).submit(t, cfg.year, cfg.source, st) for t in tiles]
+    mask_f = [opt(pt.mask_task).submit(s, cfg.mask, st) for s in scene_f]
+    dp_f = [opt(pt.dpixels_task).submit(s, m, cfg.dpixels, st) for s, m in zip(scene_f, mask_f, strict=True)]
+    scenes = advance(scene_f)
+    masks = advance(mask_f)
+    dps: list[DPixelRef] = advance(dp_f)
+    for d in dps:
+        log.info("tile %s: %d S2 scenes kept, %.1f valid S2 observations per pixel",
+                 d.tile.id, d.n_s2, d.mean_valid_s2)
+
+    if cfg.training.enabled:
+        ts = opt(pt.training_set_task).submit(dps, cfg.training, cfg.seed, st)
+        ckpt_f = opt(pt.train_task).submit(ts, cfg.model, cfg.training, cfg.seed, st)
+    else:
+        ckpt_f = opt(pt.given_checkpoint_task).submit(cfg.training.checkpoint_uri, cfg.model, st)
+    ckpt: CheckpointRef = advance([ckpt_f])[0]
+    log.info("model %s (checkpoint %s)", ckpt.model_version, ckpt.uri)
+
+    prep = opt(pt.prepare_stores_task).submit(tiles, cfg.year, cfg.publish, st, ckpt.model_version)
+    emb_f = [opt(pt.embed_task).submit(d, ckpt, cfg.region, cfg.embedding, cfg.seed, st) for d in dps]
+    pub_f = [opt(pt.publish_task).submit(e, cfg.year, cfg.publish, st, ckpt.model_version, wait_for=[prep])
+             for e in emb_f]
+    embs: list[EmbeddingRef] = advance(emb_f)
+    pubs: list[PublishRef] = advance(pub_f)
+    groups = sorted(set(prep.result()))
+    wait([prep])
+
+    rows = _tile_rows(scenes, masks, dps, embs, pubs)
+    create_table_artifact(table=rows, key="build-tiles",
+                          description=f"Per-tile summary, {cfg.region.name} {cfg.year}")
+    store = join(normalise(st.output_uri), f"{cfg.year}.zarr")
+    result = BuildResult(
+        store_uri=store, groups=groups, tiles=[t.id for t in tiles],
+        model_version=ckpt.model_version, n_valid_pixels=sum(e.n_valid for e in embs),
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    log.info("published %d pixels to %s (groups %s) in %.1f s", result.n_valid_pixels, store,
+             ", ".join(groups), result.seconds)
+    return result

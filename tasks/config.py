@@ -1,0 +1,409 @@
+"""Typed configuration: one pydantic model per stage, composed into :class:`BuildConfig`.
+
+Every field carries a description and bounds; the same model is the build flow's parameter
+(and so the Prefect UI form), the content of a YAML/TOML config file, and the target of CLI
+options. Invalid input fails at construction, before any work, with a message naming the
+field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from shapely.geometry import box, shape
+from shapely.geometry.base import BaseGeometry
+from shapely.validation import explain_validity
+
+from tasks.errors import ConfigError
+from tasks.grid import SHARD_PX, region_area_km2
+from tasks.sources.synthetic import SyntheticWorldConfig
+
+FIRST_YEAR = 2017
+"""First full year with both Sentinel-2 L2A and Sentinel-1 (A+B) coverage."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def last_complete_year(today: dt.date | None = None) -> int:
+    """The latest year whose 31 December has passed."""
+    return (today or dt.date.today()).year - 1
+
+
+Lon = Annotated[float, Field(ge=-180.0, le=180.0)]
+Lat = Annotated[float, Field(ge=-90.0, le=90.0)]
+
+
+class RegionConfig(_Model):
+    """Where to build: a lon/lat bounding box or a GeoJSON polygon (EPSG:4326)."""
+
+    bbox: tuple[Lon, Lat, Lon, Lat] | None = Field(
+        default=None,
+        description="Bounding box [min_lon, min_lat, max_lon, max_lat] in degrees (EPSG:4326).",
+    )
+    geojson: dict[str, Any] | None = Field(
+        default=None,
+        description="A GeoJSON Polygon or MultiPolygon (or a Feature holding one), EPSG:4326.",
+    )
+    max_area_km2: float = Field(
+        default=2500.0,
+        gt=0,
+        le=2.0e7,
+        description="Largest region a single build accepts, km^2 (a guard against typos).",
+    )
+    name: str = Field(
+        default="region",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Short name of the region, used in run names and manifests.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RegionConfig:
+        if (self.bbox is None) == (self.geojson is None):
+            raise ValueError("Expected exactly one of 'bbox' or 'geojson'.")
+        geom = self.geometry()
+        area = region_area_km2(geom)
+        if area > self.max_area_km2:
+            raise ValueError(
+                f"Expected a region of at most max_area_km2={self.max_area_km2:g} km^2. "
+                f"Got {area:.1f} km^2."
+            )
+        return self
+
+    @field_validator("bbox")
+    @classmethod
+    def _check_bbox(cls, v: tuple[float, float, float, float] | None) -> Any:
+        if v is None:
+            return v
+        min_lon, min_lat, max_lon, max_lat = v
+        if not min_lon < max_lon:
+            raise ValueError(f"Expected min_lon < max_lon. Got {min_lon} >= {max_lon}.")
+        if not min_lat < max_lat:
+            raise ValueError(f"Expected min_lat < max_lat. Got {min_lat} >= {max_lat}.")
+        return v
+
+    @field_validator("geojson")
+    @classmethod
+    def _check_geojson(cls, v: dict[str, Any] | None) -> Any:
+        if v is None:
+            return v
+        geom = _geojson_geometry(v)
+        if geom.is_empty or geom.area == 0:
+            raise ValueError("Expected a polygon with a non-zero area. Got an empty polygon.")
+        if not geom.is_valid:
+            raise ValueError(f"Expected a valid polygon. Got {explain_validity(geom)}.")
+        minx, miny, maxx, maxy = geom.bounds
+        if minx < -180 or maxx > 180 or miny < -90 or maxy > 90:
+            raise ValueError(
+                "Expected longitudes within +-180 and latitudes within +-90. "
+                f"Got bounds {geom.bounds}."
+            )
+        return v
+
+    def geometry(self) -> BaseGeometry:
+        """The region as a shapely geometry in lon/lat."""
+        if self.bbox is not None:
+            return box(*self.bbox)
+        assert self.geojson is not None
+        return _geojson_geometry(self.geojson)
+
+
+def _geojson_geometry(obj: dict[str, Any]) -> BaseGeometry:
+    kind = obj.get("type")
+    if kind == "Feature":
+        return _geojson_geometry(obj.get("geometry") or {})
+    if kind == "FeatureCollection":
+        feats = obj.get("features") or []
+        if len(feats) != 1:
+            raise ValueError(f"Expected a FeatureCollection with one feature. Got {len(feats)}.")
+        return _geojson_geometry(feats[0])
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise ValueError(f"Expected a GeoJSON Polygon or MultiPolygon. Got type {kind!r}.")
+    try:
+        return shape(obj)
+    except Exception as exc:  # shapely raises several types for malformed coordinates
+        raise ValueError(f"Expected valid GeoJSON coordinates. Got an error: {exc}") from exc
+
+
+class StorageConfig(_Model):
+    """Where results go: fsspec URIs (local paths or ``s3://``)."""
+
+    output_uri: str = Field(
+        default="tessera-out",
+        min_length=1,
+        description="Root of the published product; '{year}.zarr' stores are written here.",
+    )
+    work_uri: str = Field(
+        default="tessera-work",
+        min_length=1,
+        description="Root of caches and intermediates (scenes, d-pixels, checkpoints, results).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint URL for s3:// URIs (e.g. a MinIO or loopback server).",
+    )
+    s3_region: str | None = Field(default=None, description="S3 region name for s3:// URIs.")
+
+    @field_validator("output_uri", "work_uri")
+    @classmethod
+    def _check_uri(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else "file"
+        if scheme not in ("file", "s3", "memory"):
+            raise ValueError(f"Expected a local path, file:// or s3:// URI. Got scheme {scheme!r}.")
+        return v
+
+
+class SourceConfig(_Model):
+    """Where scenes come from."""
+
+    kind: Literal["synthetic"] = Field(
+        default="synthetic",
+        description="Scene source: 'synthetic' (the built-in synthetic Earth).",
+    )
+    synthetic: SyntheticWorldConfig = Field(
+        default_factory=SyntheticWorldConfig, description="Synthetic Earth parameters."
+    )
+
+
+class MaskConfig(_Model):
+    """Cloud masking from the Sentinel-2 scene classification (SCL)."""
+
+    invalid_scl: tuple[Annotated[int, Field(ge=0, le=11)], ...] = Field(
+        default=(0, 1, 2, 3, 8, 9),
+        min_length=1,
+        description="SCL classes masked as invalid (TESSERA: no data, saturated, dark, "
+        "cloud shadow, cloud medium and high probability).",
+    )
+    dilation_px: int = Field(
+        default=0, ge=0, le=50, description="Grow the invalid mask by this many pixels."
+    )
+    min_scene_valid_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Drop scenes whose valid fraction is at or below this (0 drops only "
+        "scenes with no valid pixel).",
+    )
+
+
+class DPixelConfig(_Model):
+    """d-pixel extraction into the TESSERA arrays."""
+
+    chunk_px: int = Field(
+        default=64,
+        ge=8,
+        le=1024,
+        description="Spatial chunk side of d-pixel arrays; a chunk holds all timesteps.",
+    )
+    compression_level: int = Field(default=3, ge=1, le=9, description="Zstd level.")
+
+    @field_validator("chunk_px")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"Expected a power of two (so chunks tile the 256-px blocks). Got {v}.")
+        return v
+
+
+class ModelConfig(_Model):
+    """Which TESSERA network to use."""
+
+    preset: Literal["small", "v1"] = Field(
+        default="small",
+        description="'v1' matches the published TESSERA v1.0 model; 'small' trains in a "
+        "minute on a laptop.",
+    )
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class TrainingConfig(_Model):
+    """Self-supervised training inside the build (optional)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Train a model on this build's d-pixels; if false, use checkpoint_uri.",
+    )
+    checkpoint_uri: str | None = Field(
+        default=None,
+        description="Existing checkpoint (ours or the official TESSERA format) to embed with.",
+    )
+    steps: int = Field(default=150, ge=1, le=10_000_000, description="Optimiser steps.")
+    batch_size: int = Field(default=256, ge=4, le=1_048_576, description="Global batch size.")
+    learning_rate: float = Field(default=2e-3, gt=0, le=1.0, description="Peak learning rate.")
+    pixels_per_tile: int = Field(
+        default=4096,
+        ge=16,
+        le=1_000_000,
+        description="Pixels sampled per tile into the globally shuffled training set.",
+    )
+    min_valid_s2: int = Field(
+        default=20, ge=1, le=366, description="Pixels need this many valid S2 steps to train on."
+    )
+    checkpoint_every: int = Field(
+        default=100, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps."
+    )
+    device: Device = Field(default="auto", description="Training device.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if not self.enabled and not self.checkpoint_uri:
+            raise ValueError(
+                "Expected checkpoint_uri when training is disabled. Got none: set "
+                "training.checkpoint_uri or training.enabled=true."
+            )
+        return self
+
+
+class EmbeddingConfig(_Model):
+    """Embedding generation with the frozen encoder."""
+
+    batch_size: int = Field(default=4096, ge=1, le=1_048_576, description="Pixels per batch.")
+    min_valid_s2: int = Field(
+        default=4, ge=1, le=366, description="Pixels with fewer valid S2 steps are no-data."
+    )
+    min_valid_s1: int = Field(
+        default=1, ge=1, le=366, description="Pixels with fewer valid S1 steps are no-data."
+    )
+    device: Device = Field(default="auto", description="Inference device.")
+
+
+class PublishConfig(_Model):
+    """int8 publishing into the ``tessera:`` Zarr convention."""
+
+    compression_level: int = Field(default=3, ge=1, le=9, description="Blosc zstd level.")
+    build_version: str = Field(
+        default="tessera-factory-0.1",
+        max_length=64,
+        description="Recorded as tessera:build_version in each zone group.",
+    )
+
+
+class BuildConfig(_Model):
+    """Everything one build of one region and year needs."""
+
+    region: RegionConfig = Field(description="Where to build.")
+    year: int = Field(
+        ge=FIRST_YEAR,
+        le=2100,
+        description=f"Calendar year to build ({FIRST_YEAR} or later, and already complete).",
+    )
+    seed: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="Seed for training and temporal sampling."
+    )
+    tile_size_px: int = Field(
+        default=SHARD_PX,
+        ge=SHARD_PX,
+        le=16 * SHARD_PX,
+        multiple_of=SHARD_PX,
+        description="Tile side in pixels, a multiple of 256 (the shard size).",
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Storage roots.")
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Scene source.")
+    mask: MaskConfig = Field(default_factory=MaskConfig, description="Cloud masking.")
+    dpixels: DPixelConfig = Field(default_factory=DPixelConfig, description="d-pixels.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Network.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training.")
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="Embedding.")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="Publishing.")
+
+    @field_validator("year")
+    @classmethod
+    def _year_complete(cls, v: int) -> int:
+        last = last_complete_year()
+        if v > last:
+            raise ValueError(f"Expected a complete year (at most {last}). Got {v}.")
+        return v
+
+
+def demo_config(**overrides: Any) -> BuildConfig:
+    """The README demo: two tiles of the synthetic Earth near Cambridge, UK, in 2024."""
+    base: dict[str, Any] = {
+        "region": {"bbox": (0.10, 52.19, 0.16, 52.205), "name": "demo-cambridge"},
+        "year": 2024,
+    }
+    return BuildConfig.model_validate(_deep_merge(base, overrides))
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["training.steps=50", "region.bbox=[0,50,0.1,50.1]"]`` into a nested dict.
+
+    Values are parsed as YAML scalars/lists, so numbers, booleans and lists work.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(item, "expected KEY=VALUE (e.g. training.steps=50)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config_dict(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON config file into a dict (no code is executed)."""
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+    elif p.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif p.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError("config", f"expected a .yaml, .yml, .toml or .json file. Got {p.name!r}")
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"expected a mapping at the top of {p.name}")
+    return data
+
+
+def build_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> BuildConfig:
+    """Load a build config from a file and/or overrides, raising :class:`ConfigError`.
+
+    The error names the first invalid field as a dotted path (e.g. ``region.bbox``).
+    """
+    data = load_config_dict(path) if path else {}
+    data = _deep_merge(data, overrides or {})
+    return validate_build_config(data)
+
+
+def validate_build_config(data: dict[str, Any] | BuildConfig) -> BuildConfig:
+    """Validate a dict into a :class:`BuildConfig`, turning pydantic errors into ConfigError."""
+    if isinstance(data, BuildConfig):
+        return data
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        raise config_error_from(exc) from None
+
+
+def config_error_from(exc: ValidationError) -> ConfigError:
+    """The first error of a pydantic ValidationError as a ConfigError naming the field."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return ConfigError(field, msg + more)

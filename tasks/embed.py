@@ -1,0 +1,109 @@
+"""Embedding generation: the frozen encoder over every pixel of a tile.
+
+Reads a tile's d-pixels block by block (every timestep of a square of pixels), draws each
+pixel's temporal sample from a counter-based hash of (seed, global pixel id, day of year), so
+a pixel's embedding does not depend on batch size, block or tile split, and writes float32
+embeddings (H, W, 128) with NaN rows for no-data pixels: outside the region (or its zone), or
+with fewer valid observations than configured.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import fsspec
+import numpy as np
+import zarr
+from shapely.geometry.base import BaseGeometry
+
+from tasks.acquire import ORBITS
+from tasks.config import EmbeddingConfig, RegionConfig, StorageConfig
+from tasks.grid import PIXEL_M, SHARD_PX, Tile, region_mask
+from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef
+from tasks.storage import code_version, content_key, is_done, join, mark_done, normalise, remove, storage_options, zarr_store
+from tessera_model import embed_pixels, load_model
+
+S1_ORBIT_KEY = {"ascending": 0, "descending": 1000}
+"""Added to an S1 day of year to make the sampling key of a step (asc/desc may share a DOY)."""
+
+
+def pixel_ids(tile: Tile, rows: slice, cols: slice) -> np.ndarray:
+    """Global ids of a window's pixels, uint64 (h*w,), identical whatever the tiling.
+
+    id = ((zone*2 + south) << 40) | (northing index << 20) | easting index, where the
+    indices count 10 m pixels from the zone's origin.
+    """
+    col = (tile.x0 // int(PIXEL_M)) + np.arange(cols.start, cols.stop, dtype=np.uint64)
+    row = (tile.y0 // int(PIXEL_M)) - 1 - np.arange(rows.start, rows.stop, dtype=np.int64)
+    zone = np.uint64(tile.zone * 2 + int(tile.south))
+    rr, cc = np.meshgrid(row.astype(np.uint64), col, indexing="ij")
+    return ((zone << np.uint64(40)) | (rr << np.uint64(20)) | cc).ravel()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(uri: str, key: str, options: tuple, device: str):  # noqa: ANN202
+    with fsspec.open(uri, "rb", **dict(options)) as f:
+        model, spec = load_model(f)
+    import torch
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    return model.to(dev).eval(), spec, dev
+
+
+def embedding_uri(dp: DPixelRef, ckpt: CheckpointRef, region: RegionConfig, cfg: EmbeddingConfig,
+                  seed: int, storage: StorageConfig) -> tuple[str, str]:
+    key = content_key("embed", code_version(), dp.key, ckpt.key, region.geometry().wkb_hex,
+                      cfg.min_valid_s2, cfg.min_valid_s1, seed)
+    return join(normalise(storage.work_uri), "embeddings", dp.tile.id, f"{key}.zarr"), key
+
+
+def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, region: RegionConfig, cfg: EmbeddingConfig,
+               seed: int, storage: StorageConfig) -> EmbeddingRef:
+    """Embed every pixel of a tile that lies in the region; write float32 (H, W, D)."""
+    uri, key = embedding_uri(dp, ckpt, region, cfg, seed, storage)
+    if (done := is_done(uri, storage)) is not None:
+        return EmbeddingRef.model_validate(done)
+    remove(uri, storage)
+    opts = tuple(sorted(storage_options(ckpt.uri, storage).items()))
+    model, spec, device = _cached_model(ckpt.uri, ckpt.key, opts, cfg.device)
+    tile = dp.tile
+    geom: BaseGeometry = region.geometry()
+    inside = region_mask(tile, geom)
+    src = zarr.open_group(zarr_store(dp.uri, storage, read_only=True), mode="r")
+    out = zarr.open_group(zarr_store(uri, storage), mode="w")
+    h, w, d = tile.height, tile.width, spec.latent_dim
+    c = src["bands"].chunks[1]
+    emb = out.create_array("embedding", shape=(h, w, d), dtype="float32",
+                           chunks=(c, c, d), fill_value=np.nan)
+    s2_doy = src["doys"][:]
+    s1_doy = np.concatenate([src[f"sar_{o}_doy"][:] for o in ORBITS])
+    s1_keys = np.concatenate([src[f"sar_{o}_doy"][:].astype(np.int64) + S1_ORBIT_KEY[o] for o in ORBITS])
+    block = max(SHARD_PX, c)
+    n_valid = 0
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            rows, cols = slice(y, min(h, y + block)), slice(x, min(w, x + block))
+            bh, bw = rows.stop - rows.start, cols.stop - cols.start
+            sel = inside[rows, cols].ravel()
+            s2 = np.moveaxis(src["bands"][:, rows, cols, :], 0, 2).reshape(bh * bw, -1, 10)
+            s2_valid = np.moveaxis(src["masks"][:, rows, cols], 0, 2).reshape(bh * bw, -1) > 0
+            s1 = np.concatenate([np.moveaxis(src[f"sar_{o}"][:, rows, cols, :], 0, 2)
+                                 .reshape(bh * bw, -1, 2) for o in ORBITS], axis=1)
+            s1_valid = (s1 != 0).any(-1)
+            sel &= (s2_valid.sum(1) >= cfg.min_valid_s2) & (s1_valid.sum(1) >= cfg.min_valid_s1)
+            block_emb = np.full((bh * bw, d), np.nan, dtype=np.float32)
+            idx = np.flatnonzero(sel)
+            if idx.size:
+                block_emb[idx] = embed_pixels(
+                    model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx], s1_doy, s1_keys,
+                    pixel_ids(tile, rows, cols)[idx], seed=seed, batch_size=cfg.batch_size,
+                    device=device,
+                )
+            emb[rows, cols, :] = block_emb.reshape(bh, bw, d)
+            n_valid += int(idx.size)
+    out.attrs.update({"tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),
+                      "checkpoint_key": ckpt.key, "model_version": ckpt.model_version})
+    ref = EmbeddingRef(uri=uri, key=key, tile=tile, n_valid=n_valid, n_nodata=h * w - n_valid)
+    mark_done(uri, storage, ref)
+    return ref

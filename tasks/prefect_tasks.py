@@ -1,0 +1,83 @@
+"""Thin Prefect wrappers around the stage functions.
+
+Every task's cache key is the hash of (task name, code version, all inputs), and inputs are
+configs and small references that carry their upstream content keys, so the key covers
+(stage config, tile, upstream result, code version). Results are persisted in the work root
+(see :func:`result_storage_for`), so a second run of the same build, or another machine with
+the same work root, is served from cache. I/O stages retry with growing delays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
+
+from tasks import acquire, dpixels, embed, mask, publish, train
+from tasks.config import StorageConfig
+from tasks.storage import code_version, content_key, join, normalise, storage_options
+
+RETRY_DELAYS = [2, 10, 30]
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key of a stage call: task name, code version and every input."""
+    return f"{context.task.name}-{content_key(code_version(), parameters)}"
+
+
+def result_storage_for(storage: StorageConfig) -> WritableFileSystem:
+    """Where Prefect persists task results and cache records: ``{work}/prefect-results``."""
+    root = join(normalise(storage.work_uri), "prefect-results")
+    if "://" not in root:
+        return LocalFileSystem(basepath=root)
+    return RemoteFileSystem(basepath=root, settings=storage_options(root, storage))
+
+
+_common: dict[str, Any] = {"cache_key_fn": stage_cache_key, "persist_result": True}
+
+
+@task(name="acquire", retries=3, retry_delay_seconds=RETRY_DELAYS, task_run_name="acquire-{tile}", **_common)
+def acquire_task(tile, year, source, storage):  # noqa: ANN001, ANN201
+    return acquire.acquire(tile, year, source, storage)
+
+
+@task(name="cloud-mask", retries=2, retry_delay_seconds=RETRY_DELAYS, task_run_name="mask-{scene.tile}", **_common)
+def mask_task(scene, cfg, storage):  # noqa: ANN001, ANN201
+    return mask.cloud_mask(scene, cfg, storage)
+
+
+@task(name="extract-dpixels", retries=2, retry_delay_seconds=RETRY_DELAYS, task_run_name="dpixels-{scene.tile}", **_common)
+def dpixels_task(scene, cloud, cfg, storage):  # noqa: ANN001, ANN201
+    return dpixels.extract_dpixels(scene, cloud, cfg, storage)
+
+
+@task(name="training-set", retries=2, retry_delay_seconds=RETRY_DELAYS, **_common)
+def training_set_task(dpixel_refs, cfg, seed, storage):  # noqa: ANN001, ANN201
+    return train.build_training_set(dpixel_refs, cfg, seed, storage)
+
+
+@task(name="train", retries=1, retry_delay_seconds=RETRY_DELAYS, **_common)
+def train_task(training_set, model, cfg, seed, storage):  # noqa: ANN001, ANN201
+    return train.train_model(training_set, model, cfg, seed, storage)
+
+
+@task(name="given-checkpoint", retries=3, retry_delay_seconds=RETRY_DELAYS, **_common)
+def given_checkpoint_task(uri, model, storage):  # noqa: ANN001, ANN201
+    return train.given_checkpoint(uri, model, storage)
+
+
+@task(name="embed", retries=1, retry_delay_seconds=RETRY_DELAYS, task_run_name="embed-{dp.tile}", **_common)
+def embed_task(dp, ckpt, region, cfg, seed, storage):  # noqa: ANN001, ANN201
+    return embed.embed_tile(dp, ckpt, region, cfg, seed, storage)
+
+
+@task(name="prepare-stores", retries=3, retry_delay_seconds=RETRY_DELAYS, **_common)
+def prepare_stores_task(tiles, year, cfg, storage, model_version):  # noqa: ANN001, ANN201
+    return publish.prepare_zone_stores(tiles, year, cfg, storage, model_version)
+
+
+@task(name="publish", retries=3, retry_delay_seconds=RETRY_DELAYS, task_run_name="publish-{emb.tile}", **_common)
+def publish_task(emb, year, cfg, storage, model_version):  # noqa: ANN001, ANN201
+    return publish.publish_tile(emb, year, cfg, storage, model_version)

@@ -1,0 +1,121 @@
+"""End to end: the build flow under the session-wide Prefect harness.
+
+One small build (one 256-px tile, a short training run) exercises every stage; the test then
+opens the store with xarray/rioxarray, checks the dequantised vectors against the float
+embeddings, checks that the embedding separates the synthetic world's land-cover classes
+better than chance, and that a second run is served entirely from cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from tasks.config import build_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REGION = [0.105, 52.192, 0.125, 52.200]  # inside one 256-px tile of zone 31
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, prefect_harness):
+    from flows.build import build_region
+
+    root = tmp_path_factory.mktemp("build")
+    cfg = build_config(None, {
+        "region": {"bbox": REGION, "name": "e2e"},
+        "year": 2023,
+        "storage": {"output_uri": str(root / "out"), "work_uri": str(root / "work")},
+        "training": {"steps": 40, "batch_size": 128, "pixels_per_tile": 2048, "checkpoint_every": 20},
+    })
+    state = build_region(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    return cfg, state.result(), root
+
+
+def test_store_opens_with_xarray_and_crs(built):
+    cfg, result, _ = built
+    from flows.build import plan
+
+    tiles = plan(cfg)
+    assert len(tiles) == 1
+    t = tiles[0]
+    assert result.groups == ["utm31"]
+    ds = xr.open_zarr(result.store_uri, group="utm31", consolidated=False)
+    assert ds["embeddings"].dtype == np.int8 and ds["embeddings"].shape[-1] == 128
+    assert ds["scales"].dtype == np.float32
+    import rioxarray  # noqa: F401
+
+    assert ds.rio.crs.to_epsg() == 32631
+    tr = ds["scales"].rio.transform()
+    assert (tr.a, tr.e) == (10.0, -10.0)
+    assert (tr.c, tr.f) == (float(t.x0), float(t.y0))
+
+
+def test_dequantised_matches_float(built):
+    cfg, result, root = built
+    emb_groups = sorted((root / "work" / "embeddings").rglob("*.zarr"))
+    assert len(emb_groups) == 1
+    f = zarr.open_group(str(emb_groups[0]), mode="r")["embedding"][:]
+    ds = xr.open_zarr(result.store_uri, group="utm31", consolidated=False)
+    q = ds["embeddings"].values.astype(np.float32)
+    s = ds["scales"].values
+    valid = np.isfinite(f).all(-1)
+    assert valid.sum() == result.n_valid_pixels > 1000
+    assert np.array_equal(np.isfinite(s), valid)
+    deq = q[valid] * s[valid][:, None]
+    ref = f[valid]
+    cos = (deq * ref).sum(-1) / (np.linalg.norm(deq, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.9999
+
+
+def test_embedding_separates_land_cover(built):
+    """A nearest-centroid head on the embeddings beats the majority class by a margin."""
+    cfg, result, root = built
+    from flows.build import plan
+    from tasks.sources.synthetic import SyntheticSource
+
+    t = plan(cfg)[0]
+    gt = SyntheticSource(cfg.source.synthetic).ground_truth(t, cfg.year)
+    f = zarr.open_group(str(next((root / "work" / "embeddings").rglob("*.zarr"))), mode="r")["embedding"][:]
+    valid = np.isfinite(f).all(-1)
+    x = f[valid]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = np.asarray(gt.class_id)[valid]
+    parcels = np.asarray(gt.parcel_id)[valid]
+    train = (parcels % 2) == 0  # split by parcel, as the field does
+    classes = [c for c in np.unique(y[train]) if (y[train] == c).sum() >= 20 and (y[~train] == c).sum() >= 1]
+    assert len(classes) >= 3
+    keep_tr = train & np.isin(y, classes)
+    keep_te = ~train & np.isin(y, classes)
+    cents = np.stack([x[keep_tr & (y == c)].mean(0) for c in classes])
+    d = ((x[keep_te][:, None, :] - cents[None]) ** 2).sum(-1)
+    pred = np.asarray(classes)[d.argmin(1)]
+    acc = (pred == y[keep_te]).mean()
+    majority = max((y[keep_te] == c).mean() for c in classes)
+    assert acc > majority + 0.1, (acc, majority)
+
+
+def test_second_run_is_served_from_cache(built):
+    cfg, result, root = built
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.build import build_region
+
+    state = build_region(config=cfg, return_state=True)
+    assert state.is_completed()
+    again = state.result()
+    assert again.store_uri == result.store_uri
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert runs
+    names = {r.name.split("-")[0] for r in runs}
+    assert {"acquire", "mask", "dpixels", "embed", "publish"} <= names
+    not_cached = [(r.name, r.state.name) for r in runs if r.state.name != "Cached"]
+    assert not not_cached
