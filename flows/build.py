@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
@@ -119,7 +119,7 @@ def build_region(config: BuildConfig) -> BuildResult:
     embs: list[EmbeddingRef] = advance(emb_f)
     pubs: list[PublishRef] = advance(pub_f)
     groups = sorted(set(prep.result()))
-    wait([prep])
+    opt(pt.finalise_stores_task).submit(pubs, cfg.year, st).result()
 
     rows = _tile_rows(scenes, masks, dps, embs, pubs)
     create_table_artifact(table=rows, key="build-tiles",

@@ -97,10 +97,12 @@ class RegionConfig(_Model):
         if v is None:
             return v
         geom = _geojson_geometry(v)
-        if geom.is_empty or geom.area == 0:
+        if geom.is_empty:
             raise ValueError("Expected a polygon with a non-zero area. Got an empty polygon.")
         if not geom.is_valid:
             raise ValueError(f"Expected a valid polygon. Got {explain_validity(geom)}.")
+        if geom.area == 0:
+            raise ValueError("Expected a polygon with a non-zero area. Got an empty polygon.")
         minx, miny, maxx, maxy = geom.bounds
         if minx < -180 or maxx > 180 or miny < -90 or maxy > 90:
             raise ValueError(

@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from pyproj import CRS, Geod, Transformer
 from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
-from shapely.ops import transform as shp_transform
 
 PIXEL_M = 10.0
 """Ground sampling distance of the grid, metres."""
@@ -177,16 +176,16 @@ def plan_tiles(geom: BaseGeometry, size_px: int = SHARD_PX) -> list[Tile]:
         part = geom.intersection(zone_band(zone, south))
         part = part.segmentize(0.01)  # densify so the projected outline follows the curve
         fwd = _to_utm(zone, south)
-        proj = shp_transform(fwd.transform, part)
+        proj = shapely.transform(part, lambda xy: np.column_stack(fwd.transform(xy[:, 0], xy[:, 1])))
         minx, miny, maxx, maxy = proj.bounds
         ix0, ix1 = math.floor(minx / step), math.ceil(maxx / step)
         iy0, iy1 = math.floor(miny / step), math.ceil(maxy / step)
-        prepared = shapely.prepared.prep(proj)
-        for iy in range(iy1, iy0, -1):  # top edges, north to south
-            for ix in range(ix0, ix1):
-                cell = box(ix * step, (iy - 1) * step, (ix + 1) * step, iy * step)
-                if prepared.intersects(cell):
-                    tiles.append(Tile(zone=zone, south=south, x0=ix * step, y0=iy * step, size_px=size_px))
+        iys, ixs = np.meshgrid(np.arange(iy1, iy0, -1), np.arange(ix0, ix1), indexing="ij")
+        iys, ixs = iys.ravel(), ixs.ravel()  # top edges north to south, then west to east
+        cells = shapely.box(ixs * step, (iys - 1) * step, (ixs + 1) * step, iys * step)
+        hit = shapely.intersects(proj, cells)
+        tiles += [Tile(zone=zone, south=south, x0=int(x) * step, y0=int(y) * step, size_px=size_px)
+                  for x, y in zip(ixs[hit], iys[hit], strict=True)]
     return tiles
 
 

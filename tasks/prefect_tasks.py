@@ -9,11 +9,12 @@ the same work root, is served from cache. I/O stages retry with growing delays.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.context import TaskRunContext
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
+from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
 from tasks import acquire, dpixels, embed, mask, publish, train
 from tasks.config import StorageConfig
@@ -27,12 +28,19 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"{context.task.name}-{content_key(code_version(), parameters)}"
 
 
-def result_storage_for(storage: StorageConfig) -> WritableFileSystem:
-    """Where Prefect persists task results and cache records: ``{work}/prefect-results``."""
+def result_storage_for(storage: StorageConfig) -> Path | WritableFileSystem:
+    """Where Prefect persists task results and cache records: ``{work}/prefect-results``.
+
+    A local path is used as is; an object-store root is saved as a RemoteFileSystem block
+    (named by a hash of its location; it holds no credentials), since Prefect requires
+    remote result storage to be a saved block.
+    """
     root = join(normalise(storage.work_uri), "prefect-results")
     if "://" not in root:
-        return LocalFileSystem(basepath=root)
-    return RemoteFileSystem(basepath=root, settings=storage_options(root, storage))
+        return Path(root)
+    block = RemoteFileSystem(basepath=root, settings=storage_options(root, storage))
+    block.save(f"tessera-results-{content_key(root, storage.s3_endpoint_url)[:12]}", overwrite=True)
+    return block
 
 
 _common: dict[str, Any] = {"cache_key_fn": stage_cache_key, "persist_result": True}
@@ -81,3 +89,10 @@ def prepare_stores_task(tiles, year, cfg, storage, model_version):  # noqa: ANN0
 @task(name="publish", retries=3, retry_delay_seconds=RETRY_DELAYS, task_run_name="publish-{emb.tile}", **_common)
 def publish_task(emb, year, cfg, storage, model_version):  # noqa: ANN001, ANN201
     return publish.publish_tile(emb, year, cfg, storage, model_version)
+
+
+@task(name="finalise-stores", retries=3, retry_delay_seconds=RETRY_DELAYS, **_common)
+def finalise_stores_task(published, year, storage):  # noqa: ANN001, ANN201
+    """Recount each zone's tiles once all publishes are done (they may have raced)."""
+    groups = sorted({(p.store_uri, p.group) for p in published})
+    return {g: publish.refresh_n_tiles(storage.output_uri, year, g, storage) for _, g in groups}

@@ -24,7 +24,8 @@ from pydantic_core import to_jsonable_python
 from tasks.config import StorageConfig
 from tasks.errors import StorageError
 
-DONE_MARKER = "_done.json"
+DONE_SUFFIX = ".done.json"
+"""Commit marker written beside a result (``{uri}.done.json``), outside any Zarr hierarchy."""
 
 
 def storage_options(uri: str, cfg: StorageConfig) -> dict[str, Any]:
@@ -70,9 +71,14 @@ def zarr_store(uri: str, cfg: StorageConfig, read_only: bool = False) -> zarr.ab
     return zarr.storage.FsspecStore.from_url(uri, storage_options=opts, read_only=read_only)
 
 
+def done_uri(uri: str) -> str:
+    """The commit marker of a result."""
+    return uri.rstrip("/") + DONE_SUFFIX
+
+
 def is_done(uri: str, cfg: StorageConfig) -> dict[str, Any] | None:
     """The commit record of a result if it is complete, else None."""
-    fs, path = get_fs(join(uri, DONE_MARKER), cfg)
+    fs, path = get_fs(done_uri(uri), cfg)
     try:
         with fs.open(path, "rb") as f:
             return json.loads(f.read())
@@ -83,7 +89,7 @@ def is_done(uri: str, cfg: StorageConfig) -> dict[str, Any] | None:
 def mark_done(uri: str, cfg: StorageConfig, record: BaseModel | dict[str, Any]) -> None:
     """Write the commit marker of a result; the last write that makes it visible."""
     data = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
-    write_bytes_atomic(join(uri, DONE_MARKER), json.dumps(data, indent=1).encode(), cfg)
+    write_bytes_atomic(done_uri(uri), json.dumps(data, indent=1).encode(), cfg)
 
 
 def write_bytes_atomic(uri: str, data: bytes, cfg: StorageConfig) -> None:
@@ -104,7 +110,10 @@ def write_bytes_atomic(uri: str, data: bytes, cfg: StorageConfig) -> None:
 
 
 def remove(uri: str, cfg: StorageConfig) -> None:
-    """Delete a file or folder tree if it exists."""
+    """Delete a result (file or folder tree) and its commit marker, if they exist."""
+    fs, path = get_fs(done_uri(uri), cfg)
+    if fs.exists(path):
+        fs.rm(path)
     fs, path = get_fs(uri, cfg)
     if fs.exists(path):
         fs.rm(path, recursive=True)

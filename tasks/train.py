@@ -116,9 +116,9 @@ def train_model(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, see
     result = fit(spec, load_training_set(ts, storage), settings, str(scratch / "running.pt"), resume=True)
     fs, path = get_fs(uri, storage)
     if local:
-        Path(result.path).replace(path)
+        Path(result.checkpoint_path).replace(path)
     else:
-        fs.put_file(result.path, path)
+        fs.put_file(result.checkpoint_path, path)
     ref = CheckpointRef(uri=uri, key=key, preset=model.preset,
                         model_version=f"{spec.version}-{key[:8]}", final_loss=float(result.final_loss))
     mark_done(root, storage, ref)

@@ -84,7 +84,7 @@ def test_embedding_separates_land_cover(built):
     valid = np.isfinite(f).all(-1)
     x = f[valid]
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = np.asarray(gt.class_id)[valid]
+    y = np.asarray(gt.land_cover)[valid]
     parcels = np.asarray(gt.parcel_id)[valid]
     train = (parcels % 2) == 0  # split by parcel, as the field does
     classes = [c for c in np.unique(y[train]) if (y[train] == c).sum() >= 20 and (y[~train] == c).sum() >= 1]

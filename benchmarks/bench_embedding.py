@@ -1,0 +1,152 @@
+"""Benchmark: embedding throughput of the TESSERA model against the machine's matmul peak.
+
+Measures, in one run on one device:
+
+- dense fp32 matmul GFLOP/s (best over a few square and model-shaped sizes) as the peak;
+- pixels/s of :func:`tessera_model.embed_pixels` (sampling + normalisation + model) and of
+  ``model.encode`` alone, for the ``small`` and ``v1`` presets;
+- the model's analytic FLOP per pixel and the achieved fraction of the matmul peak.
+
+Usage::
+
+    python benchmarks/bench_embedding.py [--device cpu|cuda|auto] [--presets small v1]
+        [--batch 256] [--pixels 512] [--v1-pixels 128] [--threads N]
+
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tessera_model import ModelSpec, TesseraModel, embed_pixels  # noqa: E402
+from tessera_model.inputs import resolve_device  # noqa: E402
+
+
+def flops_per_pixel(spec: ModelSpec, steps: int | None = None) -> float:
+    """Analytic forward FLOP per pixel (a multiply-add counts 2), both modalities + fusion.
+
+    Per modality with T steps, width d, FFN f, C channels: band embedding
+    ``2T(Cd + d^2)``; per layer QKV ``6Td^2``, scores and weighted values ``4T^2 d``, output
+    projection ``2Td^2``, FFN ``4Tdf``; GRU ``6Td^2`` (input maps) + ``6(T-1)d^2`` (hidden
+    maps); pooling ``~4Td``. Fusion ``2 * 2d * L``. Element-wise ops are ignored.
+    """
+    t = steps or spec.sample_steps
+    d, f = spec.d_model, spec.ffn_dim
+
+    def modality(c: int) -> float:
+        emb = 2 * t * (c * d + d * d)
+        layer = 6 * t * d * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * f
+        gru = 6 * t * d * d + 6 * (t - 1) * d * d
+        return emb + spec.n_layers * layer + gru + 4 * t * d
+
+    return modality(spec.s2_channels) + modality(spec.s1_channels) + 4 * d * spec.latent_dim
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def matmul_peak(dev: torch.device, reps: int = 5) -> tuple[float, str]:
+    """Best fp32 matmul GFLOP/s over a few sizes (square and the FFN shape of v1)."""
+    shapes = [(512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (8192, 512, 4096)]
+    best, best_shape = 0.0, ""
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=dev)
+        b = torch.randn(k, n, device=dev)
+        a @ b  # warm-up
+        _sync(dev)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            _sync(dev)
+            gflops = 2 * m * k * n / (time.perf_counter() - t0) / 1e9
+            if gflops > best:
+                best, best_shape = gflops, f"{m}x{k}x{n}"
+    return best, best_shape
+
+
+def _pixels(n: int, t2: int = 60, t1: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return dict(
+        s2=rng.integers(0, 6000, (n, t2, 10)).astype(np.uint16),
+        s2_valid=rng.random((n, t2)) < 0.75,
+        s2_doy=np.linspace(1, 365, t2).astype(np.uint16),
+        s1=rng.integers(1, 12000, (n, t1, 2)).astype(np.int16),
+        s1_valid=rng.random((n, t1)) < 0.9,
+        s1_doy=np.linspace(1, 365, t1).astype(np.uint16),
+        s1_keys=np.arange(t1, dtype=np.int64),
+        pixel_ids=np.arange(n, dtype=np.uint64),
+    )
+
+
+def bench_model(preset: str, dev: torch.device, n: int, batch: int) -> tuple[float, float, float]:
+    """Return (pipeline pixels/s, encode-only pixels/s, FLOP per pixel)."""
+    spec = ModelSpec.preset(preset)
+    torch.manual_seed(0)
+    model = TesseraModel(spec, with_projector=False)
+    data = _pixels(n)
+    embed_pixels(model, **{k: v[: min(batch, n)] if v.shape[0] == n else v
+                           for k, v in data.items()}, seed=0, batch_size=batch, device=dev)  # fmt: skip
+    _sync(dev)
+    t0 = time.perf_counter()
+    embed_pixels(model, **data, seed=0, batch_size=batch, device=dev)
+    _sync(dev)
+    pipeline = n / (time.perf_counter() - t0)
+
+    k = spec.sample_steps
+    x2 = torch.randn(batch, k, spec.s2_channels + 1, device=dev)
+    x1 = torch.randn(batch, k, spec.s1_channels + 1, device=dev)
+    x2[..., -1] = x1[..., -1] = 100.0
+    ctx = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.no_grad()
+    with torch.inference_mode(), ctx:
+        model.encode(x2, x1)
+        _sync(dev)
+        n_batches = max(1, n // batch)
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            model.encode(x2, x1)
+        _sync(dev)
+        encode = n_batches * batch / (time.perf_counter() - t0)
+    return pipeline, encode, flops_per_pixel(spec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--presets", nargs="+", default=["small", "v1"])
+    p.add_argument("--batch", type=int, default=256, help="pixels per forward pass")
+    p.add_argument("--pixels", type=int, default=4096, help="pixels to embed (small)")
+    p.add_argument("--v1-pixels", type=int, default=256, help="pixels to embed (v1)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    print(f"device: {dev} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("matmul peak: best fp32 GFLOP/s, measured just before each preset's run\n")
+    print("| preset | FLOP/pixel | batch | pixels/s (embed_pixels) | pixels/s (encode) "
+          "| GFLOP/s (encode) | matmul peak GFLOP/s | % of peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for preset in args.presets:
+        n = args.v1_pixels if preset == "v1" else args.pixels
+        peak, _ = matmul_peak(dev)
+        pipe, enc, fpp = bench_model(preset, dev, n, min(args.batch, n))
+        achieved = enc * fpp / 1e9
+        print(f"| {preset} | {fpp / 1e9:.3f} G | {min(args.batch, n)} | {pipe:,.0f} | {enc:,.0f} "
+              f"| {achieved:.1f} | {peak:.1f} | {100 * achieved / peak:.0f}% |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

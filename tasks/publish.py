@@ -1,0 +1,670 @@
+"""Publish: quantise float embeddings to int8 and commit them into ``tessera:`` v1 zone stores.
+
+Layout (contract: ``shared/reference/tessera.md`` section 5, convention ``tessera:`` v1 from
+github ucam-eo/zarr-convention-tessera): one Zarr v3 store per year ``{output}/{year}.zarr``;
+one group per populated UTM zone, ``utm{zone:02d}``, holding
+
+- ``embeddings`` int8 (H, W, 128), fill 0, dims [northing, easting, band];
+- ``scales`` float32 (H, W), fill NaN (NaN = no data, and "not yet committed");
+- ``easting`` (W,) / ``northing`` (H,) float64 pixel centres (northing descending) and
+  ``band`` (B,) int32, uncompressed and unsharded;
+- ``spatial_ref``: a 0-d CF grid-mapping variable, so xarray/rioxarray find the CRS and
+  transform on every array (``grid_mapping: "spatial_ref"``), beside the convention's
+  ``proj:``/``spatial:`` group attributes.
+
+Data arrays are sharded 256 x 256 pixels (the tile grid of :mod:`tasks.grid`), with 64 x 64
+inner chunks and Blosc zstd. A zone grid is snapped to whole shards and every tile is a whole
+number of shards, so a tile's write never touches a shard another tile owns (no
+read-modify-write, tiles publish in parallel).
+
+Southern hemisphere: the convention names groups for the north only. A southern zone gets the
+group ``utm{zone:02d}s`` and carries ``proj:code`` EPSG:327zz, so the two halves of a zone
+never share a grid (their northings differ by the 10,000 km false northing).
+
+Commit protocol per tile: retract (scales -> NaN), write embeddings, then scales LAST (a
+reader treats a NaN scale as absent), then the per-tile record
+``{year}.zarr/.tessera/tiles/{tile_id}.json`` (content hash), then ``tessera:n_tiles``.
+Publishing the same content again is a no-op. Quantisation is :mod:`tessera_model.quantise`
+(section 4); this module does no arithmetic of its own on the values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from pydantic import BaseModel, ConfigDict
+from pyproj import CRS
+from zarr.codecs import BloscCodec
+
+from tasks.config import PublishConfig, StorageConfig
+from tasks.errors import DataError, StorageError
+from tasks.grid import PIXEL_M, SHARD_PX, Tile
+from tasks.refs import EmbeddingRef, PublishRef
+from tasks.storage import content_key, get_fs, join, write_bytes_atomic, zarr_store
+
+__all__ = [
+    "DATASET_VERSION",
+    "N_BANDS",
+    "ZoneExtent",
+    "dequantise_zone",
+    "open_zone",
+    "prepare_zone_stores",
+    "publish_tile",
+    "read_tile_record",
+    "refresh_n_tiles",
+    "year_store_uri",
+    "zone_group_name",
+]
+
+DATASET_VERSION = "v1"
+"""``tessera:dataset_version`` written and accepted."""
+N_BANDS = 128
+"""Embedding dimensions of the v1.0 model."""
+INNER_CHUNK_PX = 64
+"""Inner chunk side within a 256 x 256 shard (readers fetching small windows)."""
+BLOCK_SHARDS = 4
+"""Shards per write block along easting: a block is 256 rows x up to 1,024 columns
+(128 MiB of float32 input), which bounds publish memory whatever the tile size."""
+RECORDS_DIR = ".tessera/tiles"
+"""Per-tile commit records, relative to the year store."""
+PUBLISH_FORMAT = 1
+"""Bump when the bytes written for the same input change; part of the skip key."""
+
+#: The ``zarr_conventions`` registry of a year store and its zone groups (convention v1).
+ZARR_CONVENTIONS: list[dict[str, str]] = [
+    {
+        "schema_url": "https://raw.githubusercontent.com/ucam-eo/zarr-convention-tessera/refs/tags/v1/schema.json",
+        "spec_url": "https://github.com/ucam-eo/zarr-convention-tessera/blob/v1/README.md",
+        "uuid": "e7f90d5f-019e-4a38-802f-9fa695e26c71",
+        "name": "tessera:",
+        "description": "Quantised geospatial embedding vectors with per-pixel dequantisation scales",
+    },
+    {
+        "schema_url": "https://raw.githubusercontent.com/zarr-conventions/geo-proj/refs/tags/v1/schema.json",
+        "spec_url": "https://github.com/zarr-conventions/geo-proj/blob/v1/README.md",
+        "uuid": "f17cb550-5864-4468-aeb7-f3180cfb622f",
+        "name": "proj:",
+        "description": "Coordinate reference system information for geospatial data",
+    },
+    {
+        "schema_url": "https://raw.githubusercontent.com/zarr-conventions/spatial/refs/tags/v1/schema.json",
+        "spec_url": "https://github.com/zarr-conventions/spatial/blob/v1/README.md",
+        "uuid": "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4",
+        "name": "spatial:",
+        "description": "Spatial coordinate information",
+    },
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Zone grid
+# --------------------------------------------------------------------------------------------
+
+
+def zone_group_name(tile: Tile) -> str:
+    """Group name of a tile's zone: ``utm31`` (north) or ``utm31s`` (south, EPSG:327zz)."""
+    return _group_name(tile.zone, tile.south)
+
+
+def _group_name(zone: int, south: bool) -> str:
+    return f"utm{zone:02d}{'s' if south else ''}"
+
+
+def year_store_uri(output_uri: str, year: int) -> str:
+    """URI of the year store ``{output_uri}/{year}.zarr``."""
+    return join(output_uri, f"{year}.zarr")
+
+
+class ZoneExtent(BaseModel):
+    """The pixel grid of one zone group: whole 256-px shards in the zone's UTM CRS.
+
+    ``x0``/``y0`` are the easting of the left edge and the northing of the top edge, metres.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    zone: int
+    south: bool
+    x0: int
+    y0: int
+    width: int
+    height: int
+
+    @classmethod
+    def from_tiles(cls, tiles: Sequence[Tile]) -> ZoneExtent:
+        """Union of the tiles' extents snapped outward to the 256-px shard grid.
+
+        Raises:
+            DataError: if the tiles are not all of one zone and hemisphere.
+        """
+        zones = sorted({(t.zone, t.south) for t in tiles})
+        if len(zones) != 1:
+            raise DataError(f"Expected tiles of one zone and hemisphere. Got {zones}.")
+        step = SHARD_PX * PIXEL_M
+        left = math.floor(min(t.x0 for t in tiles) / step) * step
+        right = math.ceil(max(t.x1 for t in tiles) / step) * step
+        top = math.ceil(max(t.y0 for t in tiles) / step) * step
+        bottom = math.floor(min(t.y1 for t in tiles) / step) * step
+        return cls(
+            zone=zones[0][0],
+            south=zones[0][1],
+            x0=int(left),
+            y0=int(top),
+            width=round((right - left) / PIXEL_M),
+            height=round((top - bottom) / PIXEL_M),
+        )
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> ZoneExtent:
+        """Read the extent back from a zone group's ``proj:``/``spatial:`` attributes."""
+        a, _, c, _, _, f = attrs["spatial:transform"]
+        h, w = attrs["spatial:shape"]
+        epsg = int(str(attrs["proj:code"]).split(":")[1])
+        return cls(
+            zone=epsg % 100, south=epsg // 100 == 327, x0=int(c), y0=int(f), width=w, height=h
+        )
+
+    @property
+    def group(self) -> str:
+        return _group_name(self.zone, self.south)
+
+    @property
+    def epsg(self) -> int:
+        return (32700 if self.south else 32600) + self.zone
+
+    @property
+    def transform(self) -> list[float]:
+        """``spatial:transform`` [10, 0, x0, 0, -10, y0]."""
+        return [PIXEL_M, 0.0, float(self.x0), 0.0, -PIXEL_M, float(self.y0)]
+
+    @property
+    def bbox(self) -> list[float]:
+        """``spatial:bbox`` [min easting, min northing, max easting, max northing]."""
+        return [
+            float(self.x0),
+            float(self.y0 - self.height * PIXEL_M),
+            float(self.x0 + self.width * PIXEL_M),
+            float(self.y0),
+        ]
+
+    def covers(self, tile: Tile) -> bool:
+        """Whether a tile lies wholly inside this grid (same zone and hemisphere)."""
+        x_min, y_min, x_max, y_max = self.bbox
+        return (
+            (tile.zone, tile.south) == (self.zone, self.south)
+            and tile.x0 >= x_min
+            and tile.x1 <= x_max
+            and tile.y0 <= y_max
+            and tile.y1 >= y_min
+        )
+
+    def offset(self, tile: Tile) -> tuple[int, int]:
+        """(row, column) of a tile's top-left pixel in this grid."""
+        return round((self.y0 - tile.y0) / PIXEL_M), round((tile.x0 - self.x0) / PIXEL_M)
+
+
+# --------------------------------------------------------------------------------------------
+# Store creation
+# --------------------------------------------------------------------------------------------
+
+
+def _root_attrs(year: int) -> dict[str, Any]:
+    return {
+        "zarr_conventions": ZARR_CONVENTIONS,
+        "tessera:dataset_version": DATASET_VERSION,
+        "tessera:year": year,
+    }
+
+
+def _zone_attrs(
+    ext: ZoneExtent, year: int, n_bands: int, model_version: str, build_version: str
+) -> dict[str, Any]:
+    return {
+        **_root_attrs(year),
+        "tessera:utm_zone": ext.zone,
+        "tessera:n_bands": n_bands,
+        "tessera:n_tiles": 0,
+        "tessera:model_version": model_version,
+        "tessera:build_version": build_version,
+        "tessera:has_rgb_preview": False,
+        "proj:code": f"EPSG:{ext.epsg}",
+        "spatial:dimensions": ["northing", "easting"],
+        "spatial:transform": ext.transform,
+        "spatial:shape": [ext.height, ext.width],
+        "spatial:bbox": ext.bbox,
+        "spatial:registration": "pixel",
+    }
+
+
+def _grid_mapping_attrs(ext: ZoneExtent) -> dict[str, Any]:
+    """CF grid mapping of ``spatial_ref`` (what xarray/rioxarray read for CRS and transform)."""
+    crs = CRS.from_epsg(ext.epsg)
+    attrs: dict[str, Any] = dict(crs.to_cf())
+    wkt = crs.to_wkt()
+    attrs["crs_wkt"] = wkt
+    attrs["spatial_ref"] = wkt
+    a, b, c, d, e, f = ext.transform
+    attrs["GeoTransform"] = f"{c!r} {a!r} {b!r} {f!r} {d!r} {e!r}"  # GDAL order
+    return attrs
+
+
+def _open_root(store_uri: str, storage: StorageConfig, mode: str = "r+") -> zarr.Group | None:
+    try:
+        return zarr.open_group(zarr_store(store_uri, storage), mode=mode)  # type: ignore[arg-type]
+    except FileNotFoundError:
+        return None
+
+
+def _check_root(root: zarr.Group, store_uri: str, year: int) -> None:
+    version = root.attrs.get("tessera:dataset_version")
+    if version != DATASET_VERSION:
+        raise DataError(
+            f"{store_uri}: Expected tessera:dataset_version {DATASET_VERSION!r}. Got {version!r}."
+        )
+    got_year = root.attrs.get("tessera:year")
+    if got_year != year:
+        raise DataError(f"{store_uri}: Expected tessera:year {year}. Got {got_year!r}.")
+
+
+def _check_zone(group: zarr.Group, where: str, model_version: str, n_bands: int) -> ZoneExtent:
+    got = group.attrs.get("tessera:model_version")
+    if got != model_version:
+        raise DataError(
+            f"{where}: Expected tessera:model_version {model_version!r} (this build). "
+            f"Got {got!r} in the existing zone group."
+        )
+    got_bands = group.attrs.get("tessera:n_bands")
+    if got_bands != n_bands:
+        raise DataError(f"{where}: Expected tessera:n_bands {n_bands}. Got {got_bands!r}.")
+    return ZoneExtent.from_attrs(dict(group.attrs))
+
+
+def _create_zone(
+    root: zarr.Group,
+    ext: ZoneExtent,
+    year: int,
+    n_bands: int,
+    model_version: str,
+    cfg: PublishConfig,
+) -> zarr.Group:
+    group = root.create_group(
+        ext.group, attributes=_zone_attrs(ext, year, n_bands, model_version, cfg.build_version)
+    )
+    h, w = ext.height, ext.width
+    gm = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"}
+
+    def blosc() -> BloscCodec:
+        return BloscCodec(cname="zstd", clevel=cfg.compression_level, shuffle="shuffle")
+
+    group.create_array(
+        "embeddings",
+        shape=(h, w, n_bands),
+        dtype="int8",
+        chunks=(INNER_CHUNK_PX, INNER_CHUNK_PX, n_bands),
+        shards=(SHARD_PX, SHARD_PX, n_bands),
+        compressors=blosc(),
+        fill_value=0,
+        dimension_names=["northing", "easting", "band"],
+        attributes={**gm, "long_name": "int8 quantised embedding (dequantise as q * scale)"},
+    )
+    group.create_array(
+        "scales",
+        shape=(h, w),
+        dtype="float32",
+        chunks=(INNER_CHUNK_PX, INNER_CHUNK_PX),
+        shards=(SHARD_PX, SHARD_PX),
+        compressors=blosc(),
+        fill_value=float("nan"),
+        dimension_names=["northing", "easting"],
+        attributes={**gm, "long_name": "per-pixel dequantisation scale (NaN = no data)"},
+    )
+    coords: list[tuple[str, np.ndarray, dict[str, Any]]] = [
+        (
+            "easting",
+            ext.x0 + PIXEL_M * (np.arange(w, dtype=np.float64) + 0.5),
+            {"standard_name": "projection_x_coordinate", "axis": "X", "units": "m"},
+        ),
+        (
+            "northing",
+            ext.y0 - PIXEL_M * (np.arange(h, dtype=np.float64) + 0.5),
+            {"standard_name": "projection_y_coordinate", "axis": "Y", "units": "m"},
+        ),
+        ("band", np.arange(n_bands, dtype=np.int32), {"long_name": "embedding dimension"}),
+    ]
+    for name, values, attrs in coords:
+        arr = group.create_array(
+            name,
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=values.shape,
+            compressors=None,
+            filters=None,
+            fill_value=0,
+            dimension_names=[name],
+            attributes=attrs,
+        )
+        arr[:] = values
+    group.create_array(
+        "spatial_ref",
+        shape=(),
+        dtype="int32",
+        compressors=None,
+        fill_value=0,
+        dimension_names=[],
+        attributes=_grid_mapping_attrs(ext),
+    )
+    return group
+
+
+def prepare_zone_stores(
+    tiles: Sequence[Tile],
+    year: int,
+    cfg: PublishConfig,
+    storage: StorageConfig,
+    model_version: str,
+    n_bands: int = N_BANDS,
+) -> list[str]:
+    """Create (or validate and reuse) the year store and one zone group per zone of the tiles.
+
+    Each new group's grid is the union of its tiles' extents snapped to whole 256-px shards.
+
+    Args:
+        tiles: Tiles that will be published (any zones, any order).
+        year: The year; the store is ``{storage.output_uri}/{year}.zarr``.
+        cfg: Publish config (compression level, build version).
+        storage: Storage roots.
+        model_version: Recorded as ``tessera:model_version``; an existing group must match.
+        n_bands: Embedding dimensions B.
+
+    Returns:
+        The zone group names (e.g. ``["utm30", "utm31"]``), sorted; each lives at
+        ``{storage.output_uri}/{year}.zarr/{name}``.
+
+    Raises:
+        DataError: an existing store of another ``tessera:dataset_version`` or year, an
+            existing zone group of another ``tessera:model_version``, or one whose grid does
+            not cover a tile (growing a zone grid is not supported yet).
+    """
+    store_uri = year_store_uri(storage.output_uri, year)
+    if not tiles:
+        return []
+    root = _open_root(store_uri, storage)
+    if root is None:
+        root = zarr.create_group(
+            zarr_store(store_uri, storage), attributes=_root_attrs(year), zarr_format=3
+        )
+    else:
+        _check_root(root, store_uri, year)
+    by_zone: dict[tuple[int, bool], list[Tile]] = {}
+    for t in tiles:
+        by_zone.setdefault((t.zone, t.south), []).append(t)
+    names: list[str] = []
+    for (zone, south), zone_tiles in sorted(by_zone.items()):
+        name = _group_name(zone, south)
+        where = join(store_uri, name)
+        if name in root:
+            group = root[name]
+            if not isinstance(group, zarr.Group):
+                raise DataError(f"{where}: Expected a zone group. Got an array.")
+            ext = _check_zone(group, where, model_version, n_bands)
+            outside = [t.id for t in zone_tiles if not ext.covers(t)]
+            if outside:
+                raise DataError(
+                    f"{where}: Expected tiles inside the existing zone grid (bbox {ext.bbox}). "
+                    f"Got tiles outside it: {outside[:5]}. Growing a zone store is not supported."
+                )
+        else:
+            _create_zone(root, ZoneExtent.from_tiles(zone_tiles), year, n_bands, model_version, cfg)
+        names.append(name)
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing one tile
+# --------------------------------------------------------------------------------------------
+
+
+def _blocks(height: int, width: int) -> Iterator[tuple[slice, slice]]:
+    """Write blocks of a tile, shard row by shard row: (rows, cols) slices, row-major."""
+    step_c = SHARD_PX * BLOCK_SHARDS
+    for r in range(0, height, SHARD_PX):
+        for c in range(0, width, step_c):
+            yield slice(r, min(r + SHARD_PX, height)), slice(c, min(c + step_c, width))
+
+
+def _record_uri(store_uri: str, tile: Tile) -> str:
+    return join(store_uri, RECORDS_DIR, f"{tile.id}.json")
+
+
+def read_tile_record(
+    output_uri: str, year: int, tile: Tile, storage: StorageConfig
+) -> dict[str, Any] | None:
+    """The commit record of a published tile, or None when it is not published."""
+    fs, path = get_fs(_record_uri(year_store_uri(output_uri, year), tile), storage)
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _count_tiles(store_uri: str, zone: int, south: bool, storage: StorageConfig) -> int:
+    """Committed tiles of one zone group, counted from the records (tile ids start "31N-")."""
+    fs, path = get_fs(join(store_uri, RECORDS_DIR), storage)
+    prefix = f"{zone:02d}{'S' if south else 'N'}-"
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return 0
+    return sum(1 for n in names if n.startswith(prefix) and n.endswith(".json"))
+
+
+def _content_sha256(src: zarr.Array, shape: tuple[int, int, int]) -> str:
+    """SHA-256 of a tile's float32 embedding, streamed block by block (same order as writes)."""
+    h = hashlib.sha256(json.dumps(list(shape)).encode())
+    for rows, cols in _blocks(shape[0], shape[1]):
+        block = np.ascontiguousarray(src[rows, cols, :], dtype=np.float32)
+        h.update(block.tobytes())
+    return h.hexdigest()
+
+
+def _quantise(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from tessera_model.quantise import quantise  # the one implementation (section 4)
+
+    q, s = quantise(e)
+    return np.asarray(q, dtype=np.int8), np.asarray(s, dtype=np.float32)
+
+
+def publish_tile(
+    emb: EmbeddingRef,
+    year: int,
+    cfg: PublishConfig,
+    storage: StorageConfig,
+    model_version: str,
+) -> PublishRef:
+    """Quantise one tile's float embeddings and commit them into its zone group.
+
+    The zone group must exist (:func:`prepare_zone_stores`). Writes go block by block (a shard
+    row, at most 4 shards wide): int8 embeddings first, then scales; a pixel is visible only
+    once its scale is written. A tile already published with the same content (SHA-256 of the
+    float input), model version and format is skipped; different content replaces it cleanly
+    (the record and the scales are retracted first).
+
+    Args:
+        emb: Reference to a Zarr group with ``embedding`` float32 (H, W, B), NaN rows = no
+            data, for ``emb.tile``.
+        year: The year store to publish into.
+        cfg: Publish config.
+        storage: Storage roots (``output_uri`` holds the year stores).
+        model_version: Must equal the zone group's ``tessera:model_version``.
+
+    Returns:
+        A :class:`PublishRef` naming the zone group; ``skipped`` when nothing was written.
+
+    Raises:
+        DataError: wrong input shape, version mismatch, or a tile outside the zone grid.
+        StorageError: the year store or zone group does not exist.
+    """
+    tile = emb.tile
+    store_uri = year_store_uri(storage.output_uri, year)
+    name = zone_group_name(tile)
+    where = join(store_uri, name)
+    root = _open_root(store_uri, storage)
+    if root is None or name not in root:
+        raise StorageError(
+            f"tile {tile.id}: Expected zone group {where} (run prepare_zone_stores first). Got none."
+        )
+    _check_root(root, store_uri, year)
+    group = root[name]
+    if not isinstance(group, zarr.Group):
+        raise DataError(f"{where}: Expected a zone group. Got an array.")
+    n_bands = int(group.attrs["tessera:n_bands"])
+    ext = _check_zone(group, where, model_version, n_bands)
+    if not ext.covers(tile):
+        raise DataError(
+            f"tile {tile.id}: Expected a tile inside zone grid {where} (bbox {ext.bbox}). "
+            f"Got tile bounds {list(tile.bounds)}."
+        )
+
+    src_group = zarr.open_group(zarr_store(emb.uri, storage, read_only=True), mode="r")
+    if "embedding" not in src_group:
+        raise DataError(f"tile {tile.id}: Expected array 'embedding' in {emb.uri}. Got none.")
+    src = src_group["embedding"]
+    shape = (tile.height, tile.width, n_bands)
+    if not isinstance(src, zarr.Array) or tuple(src.shape) != shape:
+        got = tuple(src.shape) if isinstance(src, zarr.Array) else "a group"
+        raise DataError(f"tile {tile.id}: Expected embedding shape {shape}. Got {got}.")
+
+    sha = _content_sha256(src, shape)
+    key = content_key("publish", PUBLISH_FORMAT, sha, model_version, name)
+    ref = PublishRef(uri=where, key=key, tile=tile, store_uri=store_uri, group=name)
+    record_uri = _record_uri(store_uri, tile)
+    old = read_tile_record(storage.output_uri, year, tile, storage)
+    if old is not None and old.get("publish_key") == key:
+        return ref.model_copy(update={"skipped": True})
+
+    emb_arr = group["embeddings"]
+    scales_arr = group["scales"]
+    r0, c0 = ext.offset(tile)
+    rows_all, cols_all = slice(r0, r0 + tile.height), slice(c0, c0 + tile.width)
+    # Retract: drop the record, then the scales (whole NaN shards are deleted, not stored).
+    fs, rec_path = get_fs(record_uri, storage)
+    if old is not None:
+        fs.rm(rec_path)
+    scales_arr[rows_all, cols_all] = np.full((tile.height, tile.width), np.nan, np.float32)
+
+    n_valid = 0
+    for rows, cols in _blocks(tile.height, tile.width):
+        q, s = _quantise(np.asarray(src[rows, cols, :], dtype=np.float32))
+        zr = slice(r0 + rows.start, r0 + rows.stop)
+        zc = slice(c0 + cols.start, c0 + cols.stop)
+        emb_arr[zr, zc, :] = q
+        scales_arr[zr, zc] = s  # the commit of this block
+        n_valid += int(np.isfinite(s).sum())
+
+    record = {
+        "tile_id": tile.id,
+        "group": name,
+        "row_offset": r0,
+        "col_offset": c0,
+        "shape": list(shape),
+        "content_sha256": sha,
+        "publish_key": key,
+        "publish_format": PUBLISH_FORMAT,
+        "model_version": model_version,
+        "source_key": emb.key,
+        "n_valid": n_valid,
+        "n_nodata": tile.height * tile.width - n_valid,
+    }
+    write_bytes_atomic(record_uri, json.dumps(record, sort_keys=True, indent=1).encode(), storage)
+    n_tiles = _count_tiles(store_uri, tile.zone, tile.south, storage)
+    if group.attrs.get("tessera:n_tiles") != n_tiles:
+        group.attrs.update({"tessera:n_tiles": n_tiles})
+    return ref
+
+
+def refresh_n_tiles(output_uri: str, year: int, group: str, storage: StorageConfig) -> int:
+    """Recount ``tessera:n_tiles`` of a zone group from the tile records and store it.
+
+    :func:`publish_tile` updates the count itself; call this once after publishing tiles of
+    one zone concurrently, where two updates may race.
+
+    Returns:
+        The number of committed tiles of the group.
+    """
+    store_uri = year_store_uri(output_uri, year)
+    root = _open_root(store_uri, storage)
+    if root is None or group not in root:
+        raise StorageError(f"Expected zone group {join(store_uri, group)}. Got none.")
+    zg = root[group]
+    ext = ZoneExtent.from_attrs(dict(zg.attrs))
+    n = _count_tiles(store_uri, ext.zone, ext.south, storage)
+    if zg.attrs.get("tessera:n_tiles") != n:
+        zg.attrs.update({"tessera:n_tiles": n})
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def open_zone(output_uri: str, year: int, group: str | int, storage: StorageConfig) -> xr.Dataset:
+    """Open a zone group as an xarray Dataset (lazy), CRS and transform via ``spatial_ref``.
+
+    With dask installed the arrays are chunked one shard per chunk (256 x 256 x B): default
+    small chunks make window reads several times slower. Without dask they are lazily indexed.
+
+    Args:
+        output_uri: Root holding ``{year}.zarr``.
+        year: The year.
+        group: Group name (``"utm31"``, ``"utm31s"``) or a northern zone number.
+        storage: Storage config (S3 endpoint).
+
+    Returns:
+        Dataset with ``embeddings`` int8 (northing, easting, band) and ``scales`` float32
+        (northing, easting); ``ds.rio.crs`` and ``ds["scales"].rio.transform()`` work.
+    """
+    name = group if isinstance(group, str) else _group_name(group, False)
+    store = zarr_store(year_store_uri(output_uri, year), storage, read_only=True)
+    chunks: dict[str, int] | None = None
+    if importlib.util.find_spec("dask") is not None:
+        chunks = {"northing": SHARD_PX, "easting": SHARD_PX, "band": -1}
+    return xr.open_zarr(store, group=name, consolidated=False, chunks=chunks)
+
+
+def dequantise_zone(ds: xr.Dataset) -> xr.DataArray:
+    """Dequantised float32 embeddings of a (window of a) zone Dataset.
+
+    Uses :func:`tessera_model.quantise.dequantise`; pixels with a NaN scale read as NaN.
+    Select a window first: without dask this loads what it is given.
+
+    Args:
+        ds: A Dataset from :func:`open_zone` (or a selection of it).
+
+    Returns:
+        float32 DataArray (northing, easting, band).
+    """
+    from tessera_model.quantise import dequantise
+
+    def _deq(q: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return np.asarray(dequantise(q, s), dtype=np.float32)
+
+    out = xr.apply_ufunc(
+        _deq,
+        ds["embeddings"],
+        ds["scales"],
+        input_core_dims=[["band"], []],
+        output_core_dims=[["band"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
+    return out.rename("embedding").transpose("northing", "easting", "band")

@@ -1,0 +1,184 @@
+"""Checkpoint I/O: our format and the official TESSERA v1.0 files, loaded strictly.
+
+Our format (``format_version`` 1) is a dict::
+
+    {"format_version": 1, "model_spec": ModelSpec.model_dump(), "model_state_dict": {...},
+     ...optional training state: "optimizer_state_dict", "scheduler_state_dict", "step",
+     "rng_state", "train_settings", "losses"}
+
+The official files hold the weights under ``model_state`` or ``model_state_dict`` (keys may
+carry the ``_orig_mod.`` prefix left by ``torch.compile``) and no spec: the v1 preset is
+assumed unless another is named.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import Tensor
+
+from tessera_model.errors import CheckpointError, StateDictMismatchError
+from tessera_model.model import PROJECTOR_PREFIX, TesseraModel, inference_state_dict
+from tessera_model.spec import ModelSpec
+
+FORMAT_VERSION = 1
+_STATE_KEYS = ("model_state_dict", "model_state")
+_STRIP_PREFIXES = ("_orig_mod.", "module.")
+
+PathOrFile = str | os.PathLike[str] | IO[bytes]
+
+
+def build_checkpoint(
+    model: TesseraModel, inference_only: bool = True, **training_state: Any
+) -> dict[str, Any]:
+    """Assemble a checkpoint dict in our format.
+
+    Args:
+        model: the model; its ``spec`` is stored.
+        inference_only: leave out the projector weights.
+        **training_state: extra entries (optimizer state, step, ...).
+    """
+    state = inference_state_dict(model) if inference_only else model.state_dict()
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_spec": model.spec.model_dump(),
+        "model_state_dict": state,
+        **training_state,
+    }
+
+
+def save_checkpoint(obj: dict[str, Any], file: PathOrFile) -> None:
+    """Save a checkpoint dict.
+
+    A path is written atomically (temporary file in the same folder, then rename); a
+    file-like object (e.g. an fsspec file) is written as given.
+    """
+    if hasattr(file, "write"):
+        torch.save(obj, file)  # type: ignore[arg-type]
+        return
+    path = Path(file)  # type: ignore[arg-type]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(
+    file: PathOrFile, map_location: str | torch.device = "cpu", allow_pickle: bool = False
+) -> dict[str, Any]:
+    """Read a checkpoint dict from a path or a (possibly non-seekable) binary file object.
+
+    Args:
+        file: path or binary file object.
+        map_location: device for the tensors.
+        allow_pickle: allow arbitrary pickled objects (only for trusted files); by default
+            only tensors and plain containers load (``weights_only=True``).
+    """
+    if hasattr(file, "read"):
+        fh = file
+        seekable = getattr(fh, "seekable", lambda: False)()
+        source: Any = fh if seekable else io.BytesIO(fh.read())  # type: ignore[union-attr]
+    else:
+        source = os.fspath(file)  # type: ignore[arg-type]
+    try:
+        obj = torch.load(source, map_location=map_location, weights_only=not allow_pickle)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises several types for bad or unsafe files
+        raise CheckpointError(
+            f"Expected a torch checkpoint{'' if allow_pickle else ' of tensors and plain data'}. "
+            f"Could not read it: {exc}"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"Expected a dict at the checkpoint's top level. Got {type(obj)}.")
+    return obj
+
+
+def _extract_state(obj: dict[str, Any]) -> dict[str, Tensor]:
+    for key in _STATE_KEYS:
+        if key in obj:
+            state = obj[key]
+            break
+    else:
+        raise CheckpointError(
+            f"Expected a top-level key in {list(_STATE_KEYS)}. Got keys {sorted(obj)}."
+        )
+    if not isinstance(state, dict):
+        raise CheckpointError(f"Expected the model state to be a dict. Got {type(state)}.")
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        for prefix in _STRIP_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:
+    """Raise :class:`StateDictMismatchError` naming every missing/unexpected/mis-shaped key."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = {
+        k: (tuple(expected[k].shape), tuple(found[k].shape))
+        for k in expected
+        if k in found and tuple(expected[k].shape) != tuple(found[k].shape)
+    }
+    if missing or unexpected or shapes:
+        raise StateDictMismatchError(missing, unexpected, shapes)
+
+
+def load_model(
+    file_or_path: PathOrFile,
+    preset: str | None = None,
+    inference_only: bool = True,
+    map_location: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> tuple[TesseraModel, ModelSpec]:
+    """Load a model from our checkpoint format or an official TESSERA file.
+
+    Args:
+        file_or_path: path or binary file object (fsspec files work).
+        preset: spec to use when the file stores none (default ``"v1"``); if the file stores
+            a spec that differs from this preset, :class:`CheckpointError` is raised.
+        inference_only: build without the projector and ignore ``projector.*`` keys; the
+            model is returned in eval mode. Otherwise the projector must be present.
+        map_location: device to load onto.
+        allow_pickle: see :func:`read_checkpoint`.
+
+    Returns:
+        ``(model, spec)``.
+
+    Raises:
+        StateDictMismatchError: missing, unexpected or mis-shaped keys (all named).
+        CheckpointError: unreadable file or unknown layout.
+    """
+    obj = read_checkpoint(file_or_path, map_location=map_location, allow_pickle=allow_pickle)
+    if "model_spec" in obj:
+        spec = ModelSpec.model_validate(obj["model_spec"])
+        if preset is not None and ModelSpec.preset(preset) != spec:
+            raise CheckpointError(
+                f"Expected a checkpoint of preset {preset!r}. Got spec {spec.model_dump()}."
+            )
+    else:
+        spec = ModelSpec.preset(preset or "v1")
+    state = _extract_state(obj)
+    if inference_only:
+        state = {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
+    model = TesseraModel(spec, with_projector=not inference_only)
+    check_state_dict(model.state_dict(), state)
+    model.load_state_dict(state, strict=True)
+    if inference_only:
+        model.eval()
+    return model.to(map_location), spec

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tessera_model import InputShapeError, ModelSpec, TesseraModel, embed_pixels
+
+TilePixels = Any  # the tile_pixels fixture's dataclass (tests/model/conftest.py)
+
+
+def _embed(model: TesseraModel, p: TilePixels, sl: slice | np.ndarray, bs: int, seed: int = 5):
+    return embed_pixels(
+        model, p.s2[sl], p.s2_valid[sl], p.s2_doy, p.s1[sl], p.s1_valid[sl], p.s1_doy,
+        p.s1_keys, p.pixel_ids[sl], seed=seed, batch_size=bs, device="cpu",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def model(tiny_spec: ModelSpec) -> TesseraModel:
+    torch.manual_seed(0)
+    return TesseraModel(tiny_spec, with_projector=False)
+
+
+def test_batch_size_and_split_invariance(model: TesseraModel, tile_pixels: TilePixels) -> None:
+    ref = _embed(model, tile_pixels, slice(None), 512)
+    assert ref.dtype == np.float32 and ref.shape == (40, 16)
+    for bs in (1, 7):
+        np.testing.assert_allclose(_embed(model, tile_pixels, slice(None), bs), ref, atol=1e-5)
+    first = _embed(model, tile_pixels, slice(0, 17), 7)
+    second = _embed(model, tile_pixels, slice(17, None), 7)
+    np.testing.assert_allclose(np.concatenate([first, second]), ref, atol=1e-5)
+    order = np.random.default_rng(0).permutation(40)
+    np.testing.assert_allclose(_embed(model, tile_pixels, order, 9), ref[order], atol=1e-5)
+
+
+def test_nodata_rows_and_seed(model: TesseraModel, tile_pixels: TilePixels) -> None:
+    out = _embed(model, tile_pixels, slice(None), 16)
+    assert np.isnan(out[[0, 2]]).all()
+    assert np.isfinite(out[[1] + list(range(3, 40))]).all()
+    other = _embed(model, tile_pixels, slice(None), 16, seed=6)
+    assert not np.allclose(other[3:], out[3:], atol=1e-4)
+
+
+def test_pixel_result_depends_on_its_id(model: TesseraModel, tile_pixels: TilePixels) -> None:
+    out = _embed(model, tile_pixels, slice(None), 16)
+    tile_pixels.pixel_ids[3] += np.uint64(1)
+    moved = _embed(model, tile_pixels, slice(None), 16)
+    assert not np.allclose(moved[3], out[3], atol=1e-4)
+    np.testing.assert_allclose(moved[4:], out[4:], atol=1e-5)
+
+
+def test_bad_shape_raises(model: TesseraModel, tile_pixels: TilePixels) -> None:
+    p = tile_pixels
+    with pytest.raises(InputShapeError, match="s1_keys"):
+        embed_pixels(model, p.s2, p.s2_valid, p.s2_doy, p.s1, p.s1_valid, p.s1_doy,
+                     p.s1_keys[:-1], p.pixel_ids, seed=0, batch_size=8, device="cpu")  # fmt: skip

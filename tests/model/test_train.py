@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tessera_model import (
+    CheckpointError,
+    ModelSpec,
+    TesseraModel,
+    TrainingArrays,
+    TrainSettings,
+    fit,
+    load_model,
+)
+from tessera_model.train import lr_factor
+
+
+def _settings(**kw: object) -> TrainSettings:
+    base = dict(steps=8, batch_size=32, lr=2e-2, checkpoint_every=3, seed=1, device="cpu")
+    return TrainSettings.model_validate({**base, **kw})
+
+
+def test_lr_schedule() -> None:
+    assert lr_factor(0, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 0.1) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0.1) < 0.001
+
+
+def test_loss_decreases(
+    tiny_spec: ModelSpec, tmp_path: Path, training_arrays_factory: Callable[..., TrainingArrays]
+) -> None:
+    result = fit(tiny_spec, training_arrays_factory(), _settings(steps=30, checkpoint_every=100),
+                 str(tmp_path / "ck.pt"))  # fmt: skip
+    assert result.steps == 30 and len(result.losses) == 30
+    assert np.mean(result.losses[-5:]) < 0.8 * np.mean(result.losses[:5])
+    model, spec = load_model(tmp_path / "ck.pt", inference_only=False)
+    assert spec == tiny_spec and model.projector is not None
+
+
+def test_resume_matches_uninterrupted(
+    tiny_spec: ModelSpec, tmp_path: Path, training_arrays_factory: Callable[..., TrainingArrays]
+) -> None:
+    data, settings = training_arrays_factory(), _settings()
+    full = fit(tiny_spec, data, settings, str(tmp_path / "a.pt"))
+    part = fit(tiny_spec, data, settings, str(tmp_path / "b.pt"), stop_after=3)
+    assert part.steps == 3
+    resumed = fit(tiny_spec, data, settings, str(tmp_path / "b.pt"))
+    assert resumed.steps == 8
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-5)
+    a = torch.load(tmp_path / "a.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "b.pt", weights_only=True)["model_state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    # Deterministic on CPU: re-running the first three steps gives the same losses.
+    restarted = fit(tiny_spec, data, settings, str(tmp_path / "c.pt"), stop_after=3)
+    assert restarted.losses == part.losses
+
+
+def test_resume_refuses_other_settings(
+    tiny_spec: ModelSpec, tmp_path: Path, training_arrays_factory: Callable[..., TrainingArrays]
+) -> None:
+    data = training_arrays_factory()
+    fit(tiny_spec, data, _settings(steps=2), str(tmp_path / "ck.pt"))
+    with pytest.raises(CheckpointError, match="settings"):
+        fit(tiny_spec, data, _settings(steps=2, lr=1e-3), str(tmp_path / "ck.pt"))
+
+
+def test_training_arrays_validated(training_arrays_factory: Callable[..., TrainingArrays]) -> None:
+    d = training_arrays_factory(n=8)
+    with pytest.raises(ValueError, match="s1_valid"):
+        TrainingArrays(**{**d.__dict__, "s1_valid": d.s1_valid[:, :-1]})
+    with pytest.raises(ValueError, match="dtype"):
+        TrainingArrays(**{**d.__dict__, "s2": d.s2.astype(np.float32)})
+
+
+def test_model_from_training_is_a_tessera_model(
+    tiny_spec: ModelSpec, tmp_path: Path, training_arrays_factory: Callable[..., TrainingArrays]
+) -> None:
+    fit(tiny_spec, training_arrays_factory(), _settings(steps=1), str(tmp_path / "ck.pt"))
+    model, _ = load_model(tmp_path / "ck.pt")
+    assert isinstance(model, TesseraModel)
