@@ -16,7 +16,16 @@ from tasks.config import SourceConfig, StorageConfig
 from tasks.grid import SHARD_PX, Tile
 from tasks.refs import SceneRef
 from tasks.sources.base import S1_BANDS, S2_BANDS, Orbit, SceneSource
-from tasks.storage import code_version, content_key, is_done, join, mark_done, normalise, remove, zarr_store
+from tasks.storage import (
+    code_version,
+    content_key,
+    is_done,
+    join,
+    mark_done,
+    normalise,
+    remove,
+    zarr_store,
+)
 
 ORBITS: tuple[Orbit, ...] = ("ascending", "descending")
 DATES_PER_BLOCK = 8

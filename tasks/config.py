@@ -329,10 +329,15 @@ class BuildConfig(_Model):
 
 
 def demo_config(**overrides: Any) -> BuildConfig:
-    """The README demo: two tiles of the synthetic Earth near Cambridge, UK, in 2024."""
+    """The README demo: two tiles of the synthetic Earth near Cambridge, UK, in 2024.
+
+    About 4.6 km^2 (46,000 pixels); a short training run (60 steps) so that the whole chain
+    finishes in a couple of minutes on a 2-core laptop.
+    """
     base: dict[str, Any] = {
-        "region": {"bbox": (0.10, 52.19, 0.16, 52.205), "name": "demo-cambridge"},
+        "region": {"bbox": (0.11, 52.19, 0.15, 52.205), "name": "demo-cambridge"},
         "year": 2024,
+        "training": {"steps": 60},
     }
     return BuildConfig.model_validate(_deep_merge(base, overrides))
 

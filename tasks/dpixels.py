@@ -32,7 +32,16 @@ from tasks.config import DPixelConfig, StorageConfig
 from tasks.grid import SHARD_PX
 from tasks.refs import DPixelRef, MaskRef, SceneRef
 from tasks.sources.base import S2_BANDS
-from tasks.storage import code_version, content_key, is_done, join, mark_done, normalise, remove, zarr_store
+from tasks.storage import (
+    code_version,
+    content_key,
+    is_done,
+    join,
+    mark_done,
+    normalise,
+    remove,
+    zarr_store,
+)
 from tessera_model.constants import encode_s1
 
 

@@ -20,7 +20,17 @@ from tasks.acquire import ORBITS
 from tasks.config import EmbeddingConfig, RegionConfig, StorageConfig
 from tasks.grid import PIXEL_M, SHARD_PX, Tile, region_mask
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef
-from tasks.storage import code_version, content_key, is_done, join, mark_done, normalise, remove, storage_options, zarr_store
+from tasks.storage import (
+    code_version,
+    content_key,
+    is_done,
+    join,
+    mark_done,
+    normalise,
+    remove,
+    storage_options,
+    zarr_store,
+)
 from tessera_model import embed_pixels, load_model
 
 S1_ORBIT_KEY = {"ascending": 0, "descending": 1000}

@@ -176,7 +176,7 @@ def plan_tiles(geom: BaseGeometry, size_px: int = SHARD_PX) -> list[Tile]:
         part = geom.intersection(zone_band(zone, south))
         part = part.segmentize(0.01)  # densify so the projected outline follows the curve
         fwd = _to_utm(zone, south)
-        proj = shapely.transform(part, lambda xy: np.column_stack(fwd.transform(xy[:, 0], xy[:, 1])))
+        proj = shapely.transform(part, lambda xy, f=fwd: np.column_stack(f.transform(xy[:, 0], xy[:, 1])))
         minx, miny, maxx, maxy = proj.bounds
         ix0, ix1 = math.floor(minx / step), math.ceil(maxx / step)
         iy0, iy1 = math.floor(miny / step), math.ceil(maxy / step)

@@ -15,7 +15,16 @@ from scipy import ndimage
 
 from tasks.config import MaskConfig, StorageConfig
 from tasks.refs import MaskRef, SceneRef
-from tasks.storage import code_version, content_key, is_done, join, mark_done, normalise, remove, zarr_store
+from tasks.storage import (
+    code_version,
+    content_key,
+    is_done,
+    join,
+    mark_done,
+    normalise,
+    remove,
+    zarr_store,
+)
 
 CLOUD_SCL = (8, 9, 10)
 """SCL codes counted as cloud in the reports (medium, high probability, thin cirrus)."""

@@ -20,7 +20,17 @@ import zarr
 from tasks.acquire import ORBITS
 from tasks.config import ModelConfig, StorageConfig, TrainingConfig
 from tasks.refs import CheckpointRef, DPixelRef, TrainingSetRef
-from tasks.storage import code_version, content_key, get_fs, is_done, join, mark_done, normalise, remove, zarr_store
+from tasks.storage import (
+    code_version,
+    content_key,
+    get_fs,
+    is_done,
+    join,
+    mark_done,
+    normalise,
+    remove,
+    zarr_store,
+)
 from tessera_model import ModelSpec, TrainingArrays, TrainSettings, fit
 
 _FIELDS = ("s2", "s2_doy", "s2_valid", "s1", "s1_doy", "s1_valid")

@@ -29,7 +29,7 @@ def built(tmp_path_factory, prefect_harness):
         "region": {"bbox": REGION, "name": "e2e"},
         "year": 2023,
         "storage": {"output_uri": str(root / "out"), "work_uri": str(root / "work")},
-        "training": {"steps": 40, "batch_size": 128, "pixels_per_tile": 2048, "checkpoint_every": 20},
+        "training": {"steps": 30, "batch_size": 128, "pixels_per_tile": 2048, "checkpoint_every": 20},
     })
     state = build_region(config=cfg, return_state=True)
     assert state.is_completed(), state.message

@@ -10,8 +10,7 @@ from tasks.acquire import acquire
 from tasks.config import DPixelConfig, MaskConfig, SourceConfig, StorageConfig
 from tasks.dpixels import day_of_year, extract_dpixels, remove_offset
 from tasks.grid import Tile
-from tasks.mask import valid_mask
-from tasks.mask import cloud_mask
+from tasks.mask import cloud_mask, valid_mask
 from tasks.sources.base import SceneSource
 
 from .fakes import FakeSource
