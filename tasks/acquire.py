@@ -27,6 +27,8 @@ from tasks.storage import (
     zarr_store,
 )
 
+CODE = ("tasks.acquire", "tasks.sources", "tasks.grid")
+"""Modules whose source is part of this stage's cache key."""
 ORBITS: tuple[Orbit, ...] = ("ascending", "descending")
 DATES_PER_BLOCK = 8
 
@@ -42,7 +44,7 @@ def make_source(cfg: SourceConfig) -> SceneSource:
 
 def scenes_uri(tile: Tile, year: int, source: SourceConfig, storage: StorageConfig) -> tuple[str, str]:
     """(URI, content key) of a tile's scenes."""
-    key = content_key("scenes", code_version(), tile.id, year, source)
+    key = content_key("scenes", code_version(*CODE), tile.id, year, source)
     return join(normalise(storage.work_uri), "scenes", tile.id, f"{key}.zarr"), key
 
 

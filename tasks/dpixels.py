@@ -44,6 +44,8 @@ from tasks.storage import (
 )
 from tessera_model.constants import encode_s1
 
+CODE = ("tasks.dpixels", "tessera_model.constants")
+
 
 def remove_offset(dn: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Subtract each date's DN offset once, clipping at 0.
@@ -66,7 +68,7 @@ def day_of_year(days_since_epoch: np.ndarray) -> np.ndarray:
 
 
 def dpixel_uri(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: StorageConfig) -> tuple[str, str]:
-    key = content_key("dpixels", code_version(), scene.key, mask.key, cfg)
+    key = content_key("dpixels", code_version(*CODE), scene.key, mask.key, cfg)
     return join(normalise(storage.work_uri), "dpixels", scene.tile.id, f"{key}.zarr"), key
 
 

@@ -33,6 +33,7 @@ from tasks.storage import (
 )
 from tessera_model import embed_pixels, load_model
 
+CODE = ("tasks.embed", "tasks.grid", "tessera_model")
 S1_ORBIT_KEY = {"ascending": 0, "descending": 1000}
 """Added to an S1 day of year to make the sampling key of a step (asc/desc may share a DOY)."""
 
@@ -63,7 +64,7 @@ def _cached_model(uri: str, key: str, options: tuple, device: str):  # noqa: ANN
 
 def embedding_uri(dp: DPixelRef, ckpt: CheckpointRef, region: RegionConfig, cfg: EmbeddingConfig,
                   seed: int, storage: StorageConfig) -> tuple[str, str]:
-    key = content_key("embed", code_version(), dp.key, ckpt.key, region.geometry().wkb_hex,
+    key = content_key("embed", code_version(*CODE), dp.key, ckpt.key, region.geometry().wkb_hex,
                       cfg.min_valid_s2, cfg.min_valid_s1, seed)
     return join(normalise(storage.work_uri), "embeddings", dp.tile.id, f"{key}.zarr"), key
 

@@ -26,6 +26,7 @@ from tasks.storage import (
     zarr_store,
 )
 
+CODE = ("tasks.mask",)
 CLOUD_SCL = (8, 9, 10)
 """SCL codes counted as cloud in the reports (medium, high probability, thin cirrus)."""
 
@@ -56,7 +57,7 @@ def valid_mask(scl: np.ndarray, invalid_scl: tuple[int, ...], dilation_px: int =
 
 
 def mask_uri(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig) -> tuple[str, str]:
-    key = content_key("mask", code_version(), scene.key, cfg)
+    key = content_key("mask", code_version(*CODE), scene.key, cfg)
     return join(normalise(storage.work_uri), "masks", scene.tile.id, f"{key}.zarr"), key
 
 

@@ -23,9 +23,25 @@ from tasks.storage import code_version, content_key, join, normalise, storage_op
 RETRY_DELAYS = [2, 10, 30]
 
 
+TASK_CODE: dict[str, tuple[str, ...]] = {
+    "acquire": acquire.CODE,
+    "cloud-mask": mask.CODE,
+    "extract-dpixels": dpixels.CODE,
+    "training-set": train.CODE,
+    "train": train.CODE,
+    "given-checkpoint": train.CODE,
+    "embed": embed.CODE,
+    "prepare-stores": ("tasks.publish",),
+    "publish": ("tasks.publish", "tessera_model.quantise"),
+    "finalise-stores": ("tasks.publish",),
+}
+"""The code each task's result depends on (its cache key includes that code's hash)."""
+
+
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key of a stage call: task name, code version and every input."""
-    return f"{context.task.name}-{content_key(code_version(), parameters)}"
+    """Cache key of a stage call: task name, its code's version and every input."""
+    name = context.task.name
+    return f"{name}-{content_key(code_version(*TASK_CODE[name]), parameters)}"
 
 
 def result_storage_for(storage: StorageConfig) -> Path | WritableFileSystem:

@@ -144,12 +144,18 @@ def content_key(*parts: Any) -> str:
 
 
 @functools.cache
-def code_version() -> str:
-    """Hash of the factory's stage and model code; part of every cache key."""
+def code_version(*modules: str) -> str:
+    """Hash of the source of the given modules or packages (dotted names); part of cache keys.
+
+    Each stage names the code its output depends on, so changing the model does not
+    invalidate cached scenes, while changing the synthetic Earth does.
+    """
     h = hashlib.sha256()
     root = Path(__file__).resolve().parents[1]
-    for pkg in ("tasks", "tessera_model"):
-        for f in sorted((root / pkg).rglob("*.py")):
+    for mod in sorted(modules):
+        path = root.joinpath(*mod.split("."))
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+        for f in files:
             h.update(f.relative_to(root).as_posix().encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:12]

@@ -33,6 +33,7 @@ from tasks.storage import (
 )
 from tessera_model import ModelSpec, TrainingArrays, TrainSettings, fit
 
+CODE = ("tasks.train", "tessera_model")
 _FIELDS = ("s2", "s2_doy", "s2_valid", "s1", "s1_doy", "s1_valid")
 
 
@@ -72,7 +73,7 @@ def _tile_samples(dp: DPixelRef, cfg: TrainingConfig, seed: int, storage: Storag
 def build_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int,
                        storage: StorageConfig) -> TrainingSetRef:
     """Sample pixels from every tile and write them globally shuffled to one Zarr group."""
-    key = content_key("trainset", code_version(), sorted(d.key for d in dpixels),
+    key = content_key("trainset", code_version(*CODE), sorted(d.key for d in dpixels),
                       cfg.pixels_per_tile, cfg.min_valid_s2, seed)
     uri = join(normalise(storage.work_uri), "training", f"{key}.zarr")
     if (done := is_done(uri, storage)) is not None:
@@ -115,7 +116,7 @@ def train_model(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, see
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
         checkpoint_every=cfg.checkpoint_every, seed=seed, device=cfg.device,
     )
-    key = content_key("train", code_version(), ts.key, spec, settings)
+    key = content_key("train", code_version(*CODE), ts.key, spec, settings)
     root = join(normalise(storage.work_uri), "checkpoints", key)
     uri = join(root, "model.pt")
     if (done := is_done(root, storage)) is not None:

@@ -15,6 +15,10 @@ from tessera_model.sampling import sample_indices
 
 S2_STREAM = 0
 S1_STREAM = 1
+MIN_FORWARD_ROWS = 64
+"""Forward passes are padded to at least this many rows: below it, CPU BLAS picks other
+kernels (another summation order), and a pixel's float result, hence its int8 bytes, would
+depend on how many pixels shared its batch."""
 
 
 def _check_shape(name: str, arr: npt.NDArray, shape: tuple[int | None, ...]) -> None:
@@ -48,7 +52,9 @@ def embed_pixels(
     given the raw DOY column and encoded under ``torch.inference_mode`` in batches of
     ``batch_size`` pixels (memory is bounded by the batch). On CUDA the model runs under
     bf16 autocast (attention through fused SDPA); on CPU in float32. The model is put in eval
-    mode and moved to ``device``.
+    mode and moved to ``device``. On one device type, results are bit-identical whatever the
+    batch size or the other pixels in the call (batches are padded to
+    :data:`MIN_FORWARD_ROWS` rows so the same kernels run).
 
     Args:
         model: the model.
@@ -105,6 +111,11 @@ def embed_pixels(
             i1 = sample_indices(v1[rows], k, ids, seed, S1_STREAM, s1_keys)
             x2 = torch.from_numpy(gather_inputs(s2[sl][rows], s2_doy, i2, "s2")).to(dev)
             x1 = torch.from_numpy(gather_inputs(s1[sl][rows], s1_doy, i1, "s1")).to(dev)
-            emb = model.encode(x2, x1)
+            m = rows.size
+            if m < MIN_FORWARD_ROWS:
+                pad = np.zeros(MIN_FORWARD_ROWS - m, dtype=np.int64)
+                x2 = torch.cat([x2, x2[pad]])
+                x1 = torch.cat([x1, x1[pad]])
+            emb = model.encode(x2, x1)[:m]
             out[start + rows] = emb.float().cpu().numpy()
     return out

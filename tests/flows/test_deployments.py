@@ -1,0 +1,53 @@
+"""Deployments and the command line (no server needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.cli import main
+from tasks.config import BuildConfig
+
+
+def test_build_region_deployment_is_declared():
+    from deployments.serve import deployments
+
+    deps = {d.name: d for d in deployments()}
+    assert "build-region" in deps
+    d = deps["build-region"]
+    BuildConfig.model_validate(d.parameters["config"])  # default parameters are valid
+    assert d.enforce_parameter_schema  # the server validates runs against the typed form
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.build import build_region
+
+    schema = parameter_schema(build_region).model_dump()
+    assert schema["required"] == ["config"]
+    assert "Calendar year to build" in str(schema)  # field descriptions reach the UI form
+
+
+def test_cli_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "build", "plan", "config", "serve", "export-dpixels", "import-dpixels"):
+        assert cmd in out
+
+
+def test_cli_plan_and_bad_input(capsys):
+    assert main(["plan", "--bbox", "5.97", "45.0", "6.03", "45.02", "--year", "2023"]) == 0
+    out = capsys.readouterr().out
+    assert "31N-" in out and "32N-" in out
+    assert main(["plan", "--bbox", "0.2", "52", "0.1", "52.1", "--year", "2023"]) == 2
+    err = capsys.readouterr().err
+    assert "region.bbox" in err and "min_lon < max_lon" in err
+    assert main(["plan", "--bbox", "0.1", "52", "0.2", "52.1", "--year", "2016"]) == 2
+    assert "year" in capsys.readouterr().err
+
+
+def test_cli_config_roundtrip(tmp_path, capsys):
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "b.yaml").write_text(text)
+    assert main(["plan", "-c", str(tmp_path / "b.yaml")]) == 0
+    assert "tile(s)" in capsys.readouterr().out
