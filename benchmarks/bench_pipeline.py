@@ -5,8 +5,8 @@ Usage:
     python benchmarks/bench_pipeline.py --no-demo    # stages only
 
 Extraction throughput is reported in MB of d-pixel arrays produced (uncompressed) per second,
-next to the time to copy the same scene bytes through numpy in the same run (a baseline that
-bounds what reading + writing can cost on this machine).
+next to a baseline in the same run: reading the S2 scene bands and rewriting them with the
+d-pixel chunks and codec (the I/O + compression floor of extraction on this machine).
 """
 
 from __future__ import annotations
@@ -40,17 +40,20 @@ def bench_stages(tmp: Path) -> None:
     t3 = time.perf_counter()
     g = zarr.open_group(dp.uri, mode="r")
     nbytes = sum(g[k].nbytes for k in g.array_keys())
-    s2 = zarr.open_group(sc.uri, mode="r")["s2_bands"][:]
+    # Baseline: copy the same S2 band bytes scene-zarr -> d-pixel-shaped zarr with the same
+    # chunks and codec, i.e. the I/O + compression floor of extraction on this machine.
     t4 = time.perf_counter()
-    np.save(tmp / "raw.npy", s2)
-    _ = np.load(tmp / "raw.npy")
+    s2 = zarr.open_group(sc.uri, mode="r")["s2_bands"][:]
+    dst = zarr.open_group(str(tmp / "baseline.zarr"), mode="w")
+    dst.create_array("bands", data=s2, chunks=g["bands"].chunks, compressors=g["bands"].compressors)
     t5 = time.perf_counter()
     print("| stage (one 256-px tile, one year) | seconds | MB/s |")
     print("|---|---|---|")
     print(f"| acquire (synthetic Earth: {sc.n_s2} S2 + {sc.n_s1_ascending + sc.n_s1_descending} S1 dates) | {t1 - t0:.2f} | |")
     print(f"| cloud mask | {t2 - t1:.2f} | |")
     print(f"| d-pixel extraction ({nbytes / 1e6:.0f} MB of arrays) | {t3 - t2:.2f} | {nbytes / 1e6 / (t3 - t2):.0f} |")
-    print(f"| baseline: np.save + np.load of the S2 scene array ({s2.nbytes / 1e6:.0f} MB) | {t5 - t4:.2f} | {s2.nbytes / 1e6 / (t5 - t4):.0f} |")
+    print(f"| baseline: zarr read + rewrite of the S2 scene bands, same chunks/codec ({s2.nbytes / 1e6:.0f} MB) | {t5 - t4:.2f} | {s2.nbytes / 1e6 / (t5 - t4):.0f} |")
+    print(f"| ratio extraction MB/s / baseline MB/s | | {(nbytes / (t3 - t2)) / (s2.nbytes / (t5 - t4)):.2f} |")
 
 
 def bench_demo(tmp: Path) -> None:

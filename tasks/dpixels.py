@@ -57,8 +57,8 @@ def remove_offset(dn: np.ndarray, offset: np.ndarray) -> np.ndarray:
     Returns:
         uint16 array of the same shape.
     """
-    off = np.asarray(offset, dtype=np.int32).reshape((-1,) + (1,) * (dn.ndim - 1))
-    return np.clip(dn.astype(np.int32) - off, 0, 65535).astype(np.uint16)
+    off = np.asarray(offset).astype(np.uint16).reshape((-1,) + (1,) * (dn.ndim - 1))
+    return np.maximum(dn, off) - off  # stays uint16: max(dn, off) - off == clip(dn - off, 0)
 
 
 def day_of_year(days_since_epoch: np.ndarray) -> np.ndarray:

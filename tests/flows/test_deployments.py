@@ -51,3 +51,17 @@ def test_cli_config_roundtrip(tmp_path, capsys):
     (tmp_path / "b.yaml").write_text(text)
     assert main(["plan", "-c", str(tmp_path / "b.yaml")]) == 0
     assert "tile(s)" in capsys.readouterr().out
+
+
+def test_every_task_names_its_code():
+    """Each task's cache key includes the hash of the code it depends on."""
+    from prefect import Task
+
+    from tasks import prefect_tasks as pt
+
+    names = {obj.name for obj in vars(pt).values() if isinstance(obj, Task)}
+    assert names == set(pt.TASK_CODE)
+    from tasks.storage import code_version
+
+    for mods in pt.TASK_CODE.values():
+        assert len(code_version(*mods)) == 12
