@@ -279,7 +279,8 @@ def _check_zone(group: zarr.Group, where: str, model_version: str, n_bands: int)
     if got != model_version:
         raise DataError(
             f"{where}: Expected tessera:model_version {model_version!r} (this build). "
-            f"Got {got!r} in the existing zone group."
+            f"Got {got!r} in the existing zone group. Versions are never mixed in one store: "
+            "publish to another storage.output_uri, or remove the old store first."
         )
     got_bands = group.attrs.get("tessera:n_bands")
     if got_bands != n_bands:

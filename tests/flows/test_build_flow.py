@@ -8,6 +8,8 @@ better than chance, and that a second run is served entirely from cache.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -33,11 +35,11 @@ def built(tmp_path_factory, prefect_harness):
     })
     state = build_region(config=cfg, return_state=True)
     assert state.is_completed(), state.message
-    return cfg, state.result(), root
+    return cfg, state.result(), root, state.state_details.flow_run_id
 
 
 def test_store_opens_with_xarray_and_crs(built):
-    cfg, result, _ = built
+    cfg, result, _, _ = built
     from flows.build import plan
 
     tiles = plan(cfg)
@@ -56,7 +58,7 @@ def test_store_opens_with_xarray_and_crs(built):
 
 
 def test_dequantised_matches_float(built):
-    cfg, result, root = built
+    cfg, result, root, _ = built
     emb_groups = sorted((root / "work" / "embeddings").rglob("*.zarr"))
     assert len(emb_groups) == 1
     f = zarr.open_group(str(emb_groups[0]), mode="r")["embedding"][:]
@@ -74,7 +76,7 @@ def test_dequantised_matches_float(built):
 
 def test_embedding_separates_land_cover(built):
     """A nearest-centroid head on the embeddings beats the majority class by a margin."""
-    cfg, result, root = built
+    cfg, result, root, _ = built
     from flows.build import plan
     from tasks.sources.synthetic import SyntheticSource
 
@@ -100,7 +102,7 @@ def test_embedding_separates_land_cover(built):
 
 
 def test_second_run_is_served_from_cache(built):
-    cfg, result, root = built
+    cfg, result, root, _ = built
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -119,3 +121,21 @@ def test_second_run_is_served_from_cache(built):
     assert {"acquire", "mask", "dpixels", "embed", "publish"} <= names
     not_cached = [(r.name, r.state.name) for r in runs if r.state.name != "Cached"]
     assert not not_cached
+
+
+def test_run_has_progress_and_table_artifacts(built):
+    cfg, result, _, run_id = built
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    by_key = {a.key: a for a in arts}
+    assert by_key["build-progress"].data == 100.0
+    table = by_key["build-tiles"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["tile"] for r in rows] == result.tiles
+    assert rows[0]["s2_scenes"] == 73 and 0 < rows[0]["s2_kept"] <= 73
+    assert rows[0]["embedded_pixels"] == result.n_valid_pixels
