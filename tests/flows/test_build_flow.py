@@ -139,3 +139,22 @@ def test_run_has_progress_and_table_artifacts(built):
     assert [r["tile"] for r in rows] == result.tiles
     assert rows[0]["s2_scenes"] == 73 and 0 < rows[0]["s2_kept"] <= 73
     assert rows[0]["embedded_pixels"] == result.n_valid_pixels
+
+
+def test_build_with_given_checkpoint_publishes_same_bytes(built, tmp_path):
+    """Training off, the first build's checkpoint given: identical embeddings and int8 bytes."""
+    cfg, result, root, _ = built
+    from flows.build import build_region
+
+    ckpt = next((root / "work" / "checkpoints").rglob("model.pt"))
+    cfg2 = cfg.model_copy(update={
+        "training": cfg.training.model_copy(update={"enabled": False, "checkpoint_uri": str(ckpt)}),
+        "storage": cfg.storage.model_copy(update={"output_uri": str(tmp_path / "out2")}),
+    })
+    state = build_region(config=cfg2, return_state=True)
+    assert state.is_completed(), state.message
+    other = state.result()
+    a = zarr.open_group(result.store_uri, mode="r")["utm31"]
+    b = zarr.open_group(other.store_uri, mode="r")["utm31"]
+    assert np.array_equal(a["embeddings"][:], b["embeddings"][:])
+    assert np.array_equal(a["scales"][:], b["scales"][:], equal_nan=True)
