@@ -17,7 +17,8 @@ EPILOG = """examples:
   tessera build --bbox 0.1 52.19 0.16 52.2 --year 2023 --set training.steps=300
   tessera plan --bbox 5.9 45 6.1 45.05       list the tiles of a region (zone crossing shown)
   tessera config --demo > build.yaml         write a starting config
-  tessera serve                              serve the deployments to a Prefect API
+  tessera server                             start a local Prefect server + UI and serve the deployments
+  tessera serve                              serve the deployments to the Prefect API in PREFECT_API_URL
 """
 
 
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true", help="Print the demo config.")
     p.add_argument("--schema", action="store_true", help="Print the JSON schema (the UI form).")
     p = sub.add_parser("serve", help="Serve the deployments to the Prefect API (PREFECT_API_URL).")
+    p = sub.add_parser("server", help="Start a local Prefect server (UI) and serve the deployments.")
+    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--gpu-limit", type=int, default=1, help="Concurrent training runs.")
+    p.add_argument("--build-limit", type=int, default=2, help="Concurrent builds in backfills.")
     p = sub.add_parser("export-dpixels", help="Export a tile's d-pixel group to reference npy folders.")
     p.add_argument("group_uri")
     p.add_argument("dest")
@@ -129,6 +134,23 @@ def _dispatch(a: argparse.Namespace) -> int:
         from deployments.serve import serve_all
 
         serve_all()
+        return 0
+    if a.cmd == "server":
+        import os
+
+        from deployments.server import ensure_limits, start_server
+
+        proc = start_server(port=a.port)
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{a.port}/api"
+        print(f"Prefect UI: http://127.0.0.1:{a.port}  (Ctrl-C stops the server and the deployments)")
+        try:
+            from deployments.serve import serve_all
+
+            ensure_limits(gpu=a.gpu_limit, builds=a.build_limit)
+            serve_all()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
         return 0
     if a.cmd == "export-dpixels":
         from tasks.config import StorageConfig

@@ -17,11 +17,11 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from tasks import prefect_tasks as pt
-from tasks.config import BuildConfig, validate_build_config
+from tasks.config import BuildConfig, RunnerConfig, validate_build_config
 from tasks.grid import Tile, plan_tiles
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
 from tasks.storage import check_writable, join, normalise
@@ -66,17 +66,46 @@ def _tile_rows(scenes: list[SceneRef], masks: list[MaskRef], dps: list[DPixelRef
     return rows
 
 
+def task_runner_for(cfg: RunnerConfig) -> TaskRunner:
+    """The Prefect task runner a build config asks for."""
+    if cfg.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
+    if cfg.kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=cfg.max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.max_workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
 @flow(
     name="build-region",
-    task_runner=ThreadPoolTaskRunner(max_workers=2),
     validate_parameters=True,
     flow_run_name="build-{config.region.name}-{config.year}",
 )
 def build_region(config: BuildConfig) -> BuildResult:
-    """Build TESSERA embeddings for one region and year and publish them as int8 Zarr."""
+    """Build TESSERA embeddings for one region and year and publish them as int8 Zarr.
+
+    Validates the config and probes storage before any work, then runs the stages on the
+    task runner the config names (threads, processes or Dask).
+    """
+    cfg = preflight(config)
+    stages = build_stages.with_options(task_runner=task_runner_for(cfg.runner))
+    return stages(config=cfg)
+
+
+@flow(
+    name="build-region-stages",
+    validate_parameters=True,
+    flow_run_name="stages-{config.region.name}-{config.year}",
+)
+def build_stages(config: BuildConfig) -> BuildResult:
+    """The stages of one build, as tasks (see :func:`build_region`)."""
     t0 = time.perf_counter()
     log = get_run_logger()
-    cfg = preflight(config)
+    cfg = config
     st = cfg.storage
     tiles = plan(cfg)
     log.info("Building %d tile(s) of %s for %d: %s", len(tiles), cfg.region.name, cfg.year,

@@ -291,6 +291,24 @@ class PublishConfig(_Model):
     )
 
 
+class RunnerConfig(_Model):
+    """How a build's tasks are executed (Prefect task runner)."""
+
+    kind: Literal["threads", "processes", "dask"] = Field(
+        default="threads",
+        description="'threads' (default), 'processes', or 'dask' (prefect-dask: a local "
+        "cluster, or the scheduler at dask_address).",
+    )
+    max_workers: int = Field(
+        default=2, ge=1, le=4096, description="Worker threads/processes (or local Dask workers)."
+    )
+    dask_address: str | None = Field(
+        default=None,
+        pattern=r"^(tcp|tls|ws|wss|inproc)://.+",
+        description="Address of a running dask.distributed scheduler, e.g. tcp://10.0.0.5:8786.",
+    )
+
+
 class BuildConfig(_Model):
     """Everything one build of one region and year needs."""
 
@@ -318,6 +336,7 @@ class BuildConfig(_Model):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training.")
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="Embedding.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Publishing.")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Task execution.")
 
     @field_validator("year")
     @classmethod

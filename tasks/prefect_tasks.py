@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
@@ -21,6 +22,8 @@ from tasks.config import StorageConfig
 from tasks.storage import code_version, content_key, join, normalise, storage_options
 
 RETRY_DELAYS = [2, 10, 30]
+GPU_LIMIT = "gpu"
+"""Global concurrency limit guarding training (create it with ``prefect gcl create gpu --limit N``)."""
 
 
 TASK_CODE: dict[str, tuple[str, ...]] = {
@@ -84,7 +87,9 @@ def training_set_task(dpixel_refs, cfg, seed, storage):  # noqa: ANN001, ANN201
 
 @task(name="train", retries=1, retry_delay_seconds=RETRY_DELAYS, **_common)
 def train_task(training_set, model, cfg, seed, storage):  # noqa: ANN001, ANN201
-    return train.train_model(training_set, model, cfg, seed, storage)
+    """Holds a slot of the ``gpu`` concurrency limit (when it exists) while training."""
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        return train.train_model(training_set, model, cfg, seed, storage)
 
 
 @task(name="given-checkpoint", retries=3, retry_delay_seconds=RETRY_DELAYS, **_common)

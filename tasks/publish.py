@@ -21,11 +21,33 @@ Southern hemisphere: the convention names groups for the north only. A southern 
 group ``utm{zone:02d}s`` and carries ``proj:code`` EPSG:327zz, so the two halves of a zone
 never share a grid (their northings differ by the 10,000 km false northing).
 
-Commit protocol per tile: retract (scales -> NaN), write embeddings, then scales LAST (a
-reader treats a NaN scale as absent), then the per-tile record
-``{year}.zarr/.tessera/tiles/{tile_id}.json`` (content hash), then ``tessera:n_tiles``.
-Publishing the same content again is a no-op. Quantisation is :mod:`tessera_model.quantise`
-(section 4); this module does no arithmetic of its own on the values.
+Growing a zone grid (:func:`prepare_zone_stores`). A zone grid is the union of its tiles
+snapped to whole shards. New tiles east or south of it are a resize: the arrays' shapes grow,
+no byte of data moves, and the coordinate arrays and ``spatial:`` attributes are rewritten.
+New tiles west or north move the origin: Zarr indexes from the origin, so every existing
+shard must take a new key. Shards are moved as whole objects (a server-side copy on S3, no
+decode) by a journaled, resumable protocol (:func:`_move_origin`): stage a copy of every shard,
+retract all scales (the zone reads as absent, never as misplaced data), resize and re-key,
+then copy the scales back LAST. A crash anywhere is resumed by the next prepare. We chose this
+over a fixed zone-wide origin (which never moves) because that would make every zone group
+~930,000 x 80,000 px with MB-sized coordinate arrays and million-chunk dask graphs for every
+reader; origin moves are rare (a build grows a zone once) and cost one copy per shard.
+
+Commit protocol per tile (:func:`publish_tile`): retract (record removed, scales -> NaN),
+write ALL int8 embedding blocks, then the scales of the whole tile (the commit: a reader
+treats a NaN scale as absent), then the per-tile record
+``{year}.zarr/.tessera/tiles/{tile_id}.json`` (content hash), then ``tessera:n_tiles``. A
+publish killed before its scales leaves the tile absent; killed during the scales write, only
+complete, correct pixels of the new content are visible; a re-run finishes it (no record, so
+no skip). Publishing the same content again is a no-op. Quantisation is
+:mod:`tessera_model.quantise` (section 4); this module does no arithmetic on the values.
+
+Concurrency: writers take a lease in ``{year}.zarr/.tessera/locks/{group}/`` (write a lease
+object, then list; :class:`ZoneLease`). Publishers hold shared leases (different tiles own
+different shards, so they write in parallel); creating, growing or re-keying a zone takes an
+exclusive one. Leases older than ``PublishConfig.lease_ttl_s`` are ignored (a crashed
+writer). ``tessera:n_tiles`` is recounted from the tile records until a recount after the
+write agrees, so concurrent publishers converge on the true count.
 """
 
 from __future__ import annotations
@@ -34,7 +56,11 @@ import hashlib
 import importlib.util
 import json
 import math
+import random
+import time
+import uuid
 from collections.abc import Iterator, Sequence
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -54,6 +80,7 @@ __all__ = [
     "DATASET_VERSION",
     "N_BANDS",
     "ZoneExtent",
+    "ZoneLease",
     "dequantise_zone",
     "open_zone",
     "prepare_zone_stores",
@@ -75,6 +102,12 @@ BLOCK_SHARDS = 4
 (128 MiB of float32 input), which bounds publish memory whatever the tile size."""
 RECORDS_DIR = ".tessera/tiles"
 """Per-tile commit records, relative to the year store."""
+LOCKS_DIR = ".tessera/locks"
+"""Writer leases, one folder per zone group, relative to the year store."""
+GROW_DIR = ".tessera/grow"
+"""Journals and staged shards of origin moves, relative to the year store."""
+DATA_ARRAYS = ("embeddings", "rgb", "scales")
+"""Sharded arrays of a zone group; ``scales`` is last on purpose (it commits pixels)."""
 PUBLISH_FORMAT = 1
 """Bump when the bytes written for the same input change; part of the skip key."""
 
@@ -158,6 +191,27 @@ class ZoneExtent(BaseModel):
             south=zones[0][1],
             x0=int(left),
             y0=int(top),
+            width=round((right - left) / PIXEL_M),
+            height=round((top - bottom) / PIXEL_M),
+        )
+
+    def union(self, tiles: Sequence[Tile]) -> ZoneExtent:
+        """The smallest shard-aligned grid covering this one and the tiles (same zone)."""
+        if not tiles:
+            return self
+        other = ZoneExtent.from_tiles(tiles)
+        if (other.zone, other.south) != (self.zone, self.south):
+            raise DataError(
+                f"Expected tiles of zone {self.group}. Got zone {other.group}."
+            )
+        left, top = min(self.x0, other.x0), max(self.y0, other.y0)
+        right = max(self.bbox[2], other.bbox[2])
+        bottom = min(self.bbox[1], other.bbox[1])
+        return ZoneExtent(
+            zone=self.zone,
+            south=self.south,
+            x0=left,
+            y0=top,
             width=round((right - left) / PIXEL_M),
             height=round((top - bottom) / PIXEL_M),
         )

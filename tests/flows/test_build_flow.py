@@ -22,6 +22,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REGION = [0.105, 52.192, 0.125, 52.200]  # inside one 256-px tile of zone 31
 
 
+def _stages_of(run_id):
+    """Filter for the stages subflow run of a build-region run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+        )
+    assert len(children) == 1
+    return FlowRunFilter(id=FlowRunFilterId(any_=[children[0].id]))
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, prefect_harness):
     from flows.build import build_region
@@ -104,8 +117,6 @@ def test_embedding_separates_land_cover(built):
 def test_second_run_is_served_from_cache(built):
     cfg, result, root, _ = built
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows.build import build_region
 
     state = build_region(config=cfg, return_state=True)
@@ -113,9 +124,7 @@ def test_second_run_is_served_from_cache(built):
     again = state.result()
     assert again.store_uri == result.store_uri
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
+        runs = client.read_task_runs(flow_run_filter=_stages_of(state.state_details.flow_run_id))
     assert runs
     names = {r.name.split("-")[0] for r in runs}
     assert {"acquire", "mask", "dpixels", "embed", "publish"} <= names
@@ -129,8 +138,9 @@ def test_run_has_progress_and_table_artifacts(built):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
+        child = client.read_flow_runs(flow_run_filter=_stages_of(run_id))[0].id
         arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[child]))
         )
     by_key = {a.key: a for a in arts}
     assert by_key["build-progress"].data == 100.0

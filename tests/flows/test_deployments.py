@@ -30,7 +30,7 @@ def test_cli_help_lists_commands(capsys):
         main(["--help"])
     assert ei.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("demo", "build", "plan", "config", "serve", "export-dpixels", "import-dpixels"):
+    for cmd in ("demo", "build", "plan", "config", "serve", "server", "export-dpixels", "import-dpixels"):
         assert cmd in out
 
 
