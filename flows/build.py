@@ -146,7 +146,7 @@ def build_stages(config: BuildConfig) -> BuildResult:
     log.info("model %s (checkpoint %s)", ckpt.model_version, ckpt.uri)
 
     prep = opt(pt.prepare_stores_task).submit(tiles, cfg.year, cfg.publish, st, ckpt.model_version)
-    emb_f = [opt(pt.embed_task).submit(d, ckpt, cfg.region, cfg.embedding, cfg.seed, st) for d in dps]
+    emb_f = [opt(pt.embed_task).submit(d, ckpt, cfg.embedding, cfg.seed, st) for d in dps]
     pub_f = [opt(pt.publish_task).submit(e, cfg.year, cfg.publish, st, ckpt.model_version, wait_for=[prep])
              for e in emb_f]
     embs: list[EmbeddingRef] = advance(emb_f)

@@ -3,8 +3,12 @@
 Reads a tile's d-pixels block by block (every timestep of a square of pixels), draws each
 pixel's temporal sample from a counter-based hash of (seed, global pixel id, day of year), so
 a pixel's embedding does not depend on batch size, block or tile split, and writes float32
-embeddings (H, W, 128) with NaN rows for no-data pixels: outside the region (or its zone), or
-with fewer valid observations than configured.
+embeddings (H, W, 128) with NaN rows for no-data pixels: outside the tile's own UTM zone
+band (native-UTM rule), or with fewer valid observations than configured.
+
+The whole tile is embedded, whatever part of it the build's region covers: the published
+unit is the tile, so its content never depends on which region asked for it, and builds of
+overlapping regions compose in one store (a re-publish of the same tile is a no-op).
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ import functools
 import fsspec
 import numpy as np
 import zarr
-from shapely.geometry.base import BaseGeometry
 
 from tasks.acquire import ORBITS
-from tasks.config import EmbeddingConfig, RegionConfig, StorageConfig
-from tasks.grid import PIXEL_M, SHARD_PX, Tile, region_mask
+from tasks.config import EmbeddingConfig, StorageConfig
+from tasks.grid import PIXEL_M, SHARD_PX, Tile, native_mask
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef
 from tasks.storage import (
     code_version,
@@ -62,25 +65,24 @@ def _cached_model(uri: str, key: str, options: tuple, device: str):  # noqa: ANN
     return model.to(dev).eval(), spec, dev
 
 
-def embedding_uri(dp: DPixelRef, ckpt: CheckpointRef, region: RegionConfig, cfg: EmbeddingConfig,
+def embedding_uri(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
                   seed: int, storage: StorageConfig) -> tuple[str, str]:
-    key = content_key("embed", code_version(*CODE), dp.key, ckpt.key, region.geometry().wkb_hex,
+    key = content_key("embed", code_version(*CODE), dp.key, ckpt.key,
                       cfg.min_valid_s2, cfg.min_valid_s1, seed)
     return join(normalise(storage.work_uri), "embeddings", dp.tile.id, f"{key}.zarr"), key
 
 
-def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, region: RegionConfig, cfg: EmbeddingConfig,
+def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
                seed: int, storage: StorageConfig) -> EmbeddingRef:
-    """Embed every pixel of a tile that lies in the region; write float32 (H, W, D)."""
-    uri, key = embedding_uri(dp, ckpt, region, cfg, seed, storage)
+    """Embed every pixel of a tile (in its native zone); write float32 (H, W, D)."""
+    uri, key = embedding_uri(dp, ckpt, cfg, seed, storage)
     if (done := is_done(uri, storage)) is not None:
         return EmbeddingRef.model_validate(done)
     remove(uri, storage)
     opts = tuple(sorted(storage_options(ckpt.uri, storage).items()))
     model, spec, device = _cached_model(ckpt.uri, ckpt.key, opts, cfg.device)
     tile = dp.tile
-    geom: BaseGeometry = region.geometry()
-    inside = region_mask(tile, geom)
+    inside = native_mask(tile)
     src = zarr.open_group(zarr_store(dp.uri, storage, read_only=True), mode="r")
     out = zarr.open_group(zarr_store(uri, storage), mode="w")
     h, w, d = tile.height, tile.width, spec.latent_dim

@@ -203,6 +203,17 @@ class TileGeometry:
         return np.asarray(lon), np.asarray(lat)
 
 
+def native_mask(tile: Tile) -> np.ndarray:
+    """Pixels of a tile whose centre lies in the tile's own zone band and hemisphere, bool (H, W).
+
+    Tiles near a zone edge extend past it; the pixels beyond belong to the neighbouring zone
+    (native-UTM rule) and are no-data here, so each place is published once per zone.
+    """
+    lon, lat = TileGeometry(tile).lonlat
+    in_hemi = (lat < 0) if tile.south else (lat >= 0)
+    return (zone_of_lon(lon) == tile.zone) & in_hemi
+
+
 def region_mask(tile: Tile, geom: BaseGeometry) -> np.ndarray:
     """Pixels of a tile that belong to the region in this tile's zone, bool (H, W).
 

@@ -98,8 +98,8 @@ def given_checkpoint_task(uri, model, storage):  # noqa: ANN001, ANN201
 
 
 @task(name="embed", retries=1, retry_delay_seconds=RETRY_DELAYS, task_run_name="embed-{dp.tile}", **_common)
-def embed_task(dp, ckpt, region, cfg, seed, storage):  # noqa: ANN001, ANN201
-    return embed.embed_tile(dp, ckpt, region, cfg, seed, storage)
+def embed_task(dp, ckpt, cfg, seed, storage):  # noqa: ANN001, ANN201
+    return embed.embed_tile(dp, ckpt, cfg, seed, storage)
 
 
 @task(name="prepare-stores", retries=3, retry_delay_seconds=RETRY_DELAYS, **_common)

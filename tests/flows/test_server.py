@@ -106,10 +106,12 @@ def test_ui_triggered_run_publishes(server, tmp_path):
 
 @pytest.mark.parametrize("bad", [
     {"year": 2016},
-    {"region": {"bbox": [0.2, 52.0, 0.1, 52.1]}},
     {"region": {"bbox": [0.1, 52.0, 0.2, 95.0]}},
+    {"source": {"kind": "landsat"}},
+    {"tile_size_px": 300},
 ])
 def test_invalid_parameters_rejected_before_the_run(server, tmp_path, bad):
+    """What the JSON schema (the UI form) can express is refused by the server itself."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -122,3 +124,21 @@ def test_invalid_parameters_rejected_before_the_run(server, tmp_path, bad):
             run_deployment("build-region/build-region", parameters={"config": params}, timeout=0)
         with get_client(sync_client=True) as client:
             assert len(client.read_flow_runs()) == before
+
+
+def test_cross_field_errors_fail_before_any_task(server, tmp_path):
+    """Rules a JSON schema cannot state (min < max) fail at the run's start, before any task."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    params = {**_tiny(tmp_path), "region": {"bbox": [0.2, 52.0, 0.1, 52.1]}}
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        run = run_deployment("build-region/build-region", parameters={"config": params}, timeout=300)
+        assert run.state.is_failed()
+        assert "min_lon < max_lon" in (run.state.message or "") or "region" in (run.state.message or "")
+        with get_client(sync_client=True) as client:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        assert tasks == []
+    assert not (tmp_path / "work").exists()

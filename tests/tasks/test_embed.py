@@ -47,8 +47,13 @@ def storage(tmp_path):
     return StorageConfig(output_uri=str(tmp_path / "out"), work_uri=str(tmp_path / "work"))
 
 
-def test_embed_tile_region_and_nodata(tmp_path, storage):
-    tile = Tile(zone=31, south=False, x0=296960, y0=5788160, size_px=256)
+def test_embed_tile_native_zone_and_nodata(tmp_path, storage):
+    """A tile that crosses 6 E (zone 31 -> 32): pixels east of it are no-data in zone 31."""
+    from shapely.geometry import box
+
+    from tasks.grid import plan_tiles
+
+    tile = next(t for t in plan_tiles(box(5.995, 52.2, 6.005, 52.205)) if t.zone == 31)
     sc = acquire(tile, 2022, SourceConfig(), storage, scene_source=FakeSource())
     mk = cloud_mask(sc, MaskConfig(), storage)
     dp = extract_dpixels(sc, mk, DPixelConfig(), storage)
@@ -57,23 +62,26 @@ def test_embed_tile_region_and_nodata(tmp_path, storage):
     ck_path = tmp_path / "model.pt"
     save_checkpoint(build_checkpoint(model), ck_path)
     ckpt = given_checkpoint(str(ck_path), ModelConfig(), storage)
-    # a region covering the tile's top-left 20 x 30 pixels (lon/lat box of their corners)
-    inv = Transformer.from_crs(tile.crs, "EPSG:4326", always_xy=True)
-    lon0, lat0 = inv.transform(tile.x0 + 1, tile.y0 - 1)
-    lon1, lat1 = inv.transform(tile.x0 + 299, tile.y0 - 199)
-    region = RegionConfig(bbox=(lon0, lat1, lon1, lat0))
-    emb = embed_tile(dp, ckpt, region, EmbeddingConfig(min_valid_s2=2), 0, storage)
+    emb = embed_tile(dp, ckpt, EmbeddingConfig(min_valid_s2=2), 0, storage)
     e = zarr.open_group(emb.uri, mode="r")["embedding"][:]
     assert e.shape == (256, 256, 128) and e.dtype == np.float32
     valid = np.isfinite(e).all(-1)
+    inv = Transformer.from_crs(tile.crs, "EPSG:4326", always_xy=True)
+    ee, nn = np.meshgrid(tile.eastings(), tile.northings())
+    lon, _ = inv.transform(ee, nn)
+    east = lon >= 6.0
+    assert east.any() and (~east).any()
+    assert not valid[east].any()  # beyond the zone band: the neighbouring zone's pixels
     assert not valid[0, 0]  # no S1 data at this pixel
-    assert valid[1:10, 1:25].all() and valid[1:19, 21:29].all()
     assert not valid[10:20, 10:20].any()  # clouded on one of the 2 kept dates: 1 obs < 2
-    assert not valid[25:].any() and not valid[:, 35:].any()  # outside the region
+    expect = ~east
+    expect[0, 0] = False
+    expect[10:20, 10:20] = False
+    assert np.array_equal(valid, expect)
     assert emb.n_valid == valid.sum() and emb.n_valid + emb.n_nodata == 256 * 256
     # fewer valid S2 observations than the minimum -> no data everywhere (2 scenes kept)
-    none = embed_tile(dp, ckpt, region, EmbeddingConfig(min_valid_s2=3), 0, storage)
+    none = embed_tile(dp, ckpt, EmbeddingConfig(min_valid_s2=3), 0, storage)
     assert none.n_valid == 0
     # same inputs -> same stored result (served from the commit marker)
-    again = embed_tile(dp, ckpt, region, EmbeddingConfig(min_valid_s2=2), 0, storage)
+    again = embed_tile(dp, ckpt, EmbeddingConfig(min_valid_s2=2), 0, storage)
     assert again == emb
