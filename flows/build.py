@@ -62,6 +62,8 @@ def _tile_rows(scenes: list[SceneRef], masks: list[MaskRef], dps: list[DPixelRef
             "mean_valid_s2_per_pixel": round(d.mean_valid_s2, 1),
             "embedded_pixels": e.n_valid, "nodata_pixels": e.n_nodata,
             "published": "skipped (same content)" if p.skipped else "written",
+            "seconds_acquire": s.seconds, "seconds_mask": m.seconds, "seconds_dpixels": d.seconds,
+            "seconds_embed": e.seconds, "seconds_publish": p.seconds,
         })
     return rows
 

@@ -23,6 +23,8 @@ per-date offset that acquisition recorded.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
@@ -81,6 +83,7 @@ def extract_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: 
     if (done := is_done(uri, storage)) is not None:
         return DPixelRef.model_validate(done)
     remove(uri, storage)
+    t0 = time.perf_counter()
     sc = zarr.open_group(zarr_store(scene.uri, storage, read_only=True), mode="r")
     mk = zarr.open_group(zarr_store(mask.uri, storage, read_only=True), mode="r")
     keep = np.flatnonzero(mk["keep"][:])
@@ -127,7 +130,7 @@ def extract_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: 
     ref = DPixelRef(
         uri=uri, key=key, tile=tile, n_s2=t,
         n_s1_ascending=sar["ascending"].shape[0], n_s1_descending=sar["descending"].shape[0],
-        mean_valid_s2=valid_sum / (h * w),
+        mean_valid_s2=valid_sum / (h * w), seconds=round(time.perf_counter() - t0, 3),
     )
     mark_done(uri, storage, ref)
     return ref

@@ -14,6 +14,7 @@ overlapping regions compose in one store (a re-publish of the same tile is a no-
 from __future__ import annotations
 
 import functools
+import time
 
 import fsspec
 import numpy as np
@@ -79,6 +80,7 @@ def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
     if (done := is_done(uri, storage)) is not None:
         return EmbeddingRef.model_validate(done)
     remove(uri, storage)
+    t0 = time.perf_counter()
     opts = tuple(sorted(storage_options(ckpt.uri, storage).items()))
     model, spec, device = _cached_model(ckpt.uri, ckpt.key, opts, cfg.device)
     tile = dp.tile
@@ -117,6 +119,7 @@ def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
             n_valid += int(idx.size)
     out.attrs.update({"tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),
                       "checkpoint_key": ckpt.key, "model_version": ckpt.model_version})
-    ref = EmbeddingRef(uri=uri, key=key, tile=tile, n_valid=n_valid, n_nodata=h * w - n_valid)
+    ref = EmbeddingRef(uri=uri, key=key, tile=tile, n_valid=n_valid, n_nodata=h * w - n_valid,
+                       seconds=round(time.perf_counter() - t0, 3))
     mark_done(uri, storage, ref)
     return ref

@@ -9,6 +9,8 @@ a disk of ``dilation_px`` pixels. Scenes whose valid fraction is at or below the
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import zarr
 from scipy import ndimage
@@ -71,6 +73,7 @@ def cloud_mask(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig) -> Mask
     if (done := is_done(uri, storage)) is not None:
         return MaskRef.model_validate(done)
     remove(uri, storage)
+    t0 = time.perf_counter()
     src = zarr.open_group(zarr_store(scene.uri, storage, read_only=True), mode="r")
     scl = src["s2_scl"]
     t, h, w = scl.shape
@@ -91,7 +94,7 @@ def cloud_mask(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig) -> Mask
     ref = MaskRef(
         uri=uri, key=key, tile=scene.tile, n_kept=int(keep.sum()), n_dropped=int((~keep).sum()),
         mean_valid_fraction=float(frac.mean()) if t else 0.0,
-        cloud_fraction=cloudy / max(1, t * h * w),
+        cloud_fraction=cloudy / max(1, t * h * w), seconds=round(time.perf_counter() - t0, 3),
     )
     mark_done(uri, storage, ref)
     return ref

@@ -16,6 +16,7 @@ class _Ref(BaseModel):
 
     uri: str = Field(description="Where the result lives (fsspec URI).")
     key: str = Field(description="Content key: hash of config, inputs and code version.")
+    seconds: float = Field(default=0.0, description="Wall time the stage took to compute it.")
 
 
 class SceneRef(_Ref):

@@ -65,3 +65,14 @@ def test_every_task_names_its_code():
 
     for mods in pt.TASK_CODE.values():
         assert len(code_version(*mods)) == 12
+
+
+def test_progress_counts_committed_stages(tmp_path):
+    from deployments.progress import BuildProgress
+
+    p = BuildProgress(str(tmp_path), ["t1", "t2"])
+    assert p.count() == 0
+    (tmp_path / "scenes" / "t1").mkdir(parents=True)
+    (tmp_path / "scenes" / "t1" / "k.zarr.done.json").write_text("{}")
+    (tmp_path / "masks" / "t2").mkdir(parents=True)  # a partial result: no marker yet
+    assert p.count() == 1
