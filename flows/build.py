@@ -24,7 +24,7 @@ from tasks import prefect_tasks as pt
 from tasks.config import BuildConfig, RunnerConfig, validate_build_config
 from tasks.grid import Tile, plan_tiles
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
-from tasks.storage import check_writable, join, normalise
+from tasks.storage import check_readable, check_writable, join, normalise
 
 
 class BuildResult(BaseModel):
@@ -43,6 +43,8 @@ def preflight(config: BuildConfig | dict[str, Any]) -> BuildConfig:
     cfg = validate_build_config(config)
     check_writable(cfg.storage.output_uri, cfg.storage, "storage.output_uri")
     check_writable(cfg.storage.work_uri, cfg.storage, "storage.work_uri")
+    if not cfg.training.enabled:
+        check_readable(cfg.training.checkpoint_uri or "", cfg.storage, "training.checkpoint_uri")
     return cfg
 
 

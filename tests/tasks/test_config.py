@@ -80,7 +80,7 @@ def test_bounds_on_stage_fields():
     assert _field_of(_cfg(mask={"dilation_px": -1})) == "mask.dilation_px"
     assert _field_of(_cfg(mask={"invalid_scl": [12]})) == "mask.invalid_scl.0"
     assert _field_of(_cfg(dpixels={"chunk_px": 48})) == "dpixels.chunk_px"
-    assert _field_of(_cfg(embedding={"batch_size": 0})) == "embedding.batch_size"
+    assert _field_of(_cfg(embedding={"batch_size": -1})) == "embedding.batch_size"
     assert _field_of(_cfg(training={"enabled": False})) == "training"
     assert _field_of(_cfg(storage={"output_uri": "gs://bucket/x"})) == "storage.output_uri"
 
@@ -126,3 +126,14 @@ def test_unwritable_output_fails_before_work(tmp_path):
         preflight(cfg)
     assert ei.value.field == "storage.output_uri"
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
+def test_missing_checkpoint_fails_before_work(tmp_path):
+    from flows.build import preflight
+
+    cfg = build_config(None, _cfg(
+        training={"enabled": False, "checkpoint_uri": str(tmp_path / "nope.pt")},
+        storage={"output_uri": str(tmp_path / "o"), "work_uri": str(tmp_path / "w")}))
+    with pytest.raises(ConfigError) as ei:
+        preflight(cfg)
+    assert ei.value.field == "training.checkpoint_uri"
