@@ -12,17 +12,20 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
+    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from tasks import prefect_tasks as pt
 from tasks.config import BuildConfig, RunnerConfig, validate_build_config
+from tasks.errors import ConfigError
 from tasks.grid import Tile, plan_tiles
+from tasks.preview import preview_markdown
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
 from tasks.storage import check_readable, check_writable, join, normalise
 
@@ -38,9 +41,32 @@ class BuildResult(BaseModel):
     seconds: float
 
 
+def with_block_credentials(cfg: BuildConfig) -> BuildConfig:
+    """Fill the S3 secret fields from the Prefect Secret block the config names, if any."""
+    name = cfg.storage.s3_credentials_block
+    if not name:
+        return cfg
+    from prefect.blocks.system import Secret
+
+    try:
+        c = Secret.load(name).get()
+    except Exception as exc:  # never echo the block's content
+        raise ConfigError("storage.s3_credentials_block",
+                          f"cannot load Prefect Secret block {name!r} ({type(exc).__name__})") from None
+    if not isinstance(c, dict) or not {"access_key_id", "secret_access_key"} <= set(c):
+        raise ConfigError("storage.s3_credentials_block",
+                          f"expected JSON with access_key_id and secret_access_key in block {name!r}")
+    st = cfg.storage.model_copy(update={
+        "s3_access_key_id": SecretStr(c["access_key_id"]),
+        "s3_secret_access_key": SecretStr(c["secret_access_key"]),
+        "s3_session_token": SecretStr(c["session_token"]) if c.get("session_token") else None,
+    })
+    return cfg.model_copy(update={"storage": st})
+
+
 def preflight(config: BuildConfig | dict[str, Any]) -> BuildConfig:
-    """Validate a config and check that its storage roots are writable, before any work."""
-    cfg = validate_build_config(config)
+    """Validate a config, load credentials, check storage is writable, before any work."""
+    cfg = with_block_credentials(validate_build_config(config))
     check_writable(cfg.storage.output_uri, cfg.storage, "storage.output_uri")
     check_writable(cfg.storage.work_uri, cfg.storage, "storage.work_uri")
     if not cfg.training.enabled:
@@ -157,6 +183,14 @@ def build_stages(config: BuildConfig) -> BuildResult:
     pubs: list[PublishRef] = advance(pub_f)
     groups = sorted(set(prep.result()))
     opt(pt.finalise_stores_task).submit(pubs, cfg.year, st).result()
+    cat = opt(pt.update_catalog_task).submit(pubs, cfg.year, st, cfg.publish)
+    previews = {g: opt(pt.preview_task).submit(pubs, cfg.year, g, st, cfg.publish) for g in groups}
+    for g, fut in previews.items():
+        pv = fut.result()
+        # a self-contained image (data URI): no URL, no credential leaves the process
+        create_markdown_artifact(markdown=preview_markdown(pv.png_uri, st, f"{g} {cfg.year}"),
+                                 key=f"preview-{g}", description=f"PCA RGB quicklook of {g} {cfg.year}")
+    log.info("catalogue: %d tile(s), %s", cat.result().n_tiles, cat.result().manifest_uri)
 
     rows = _tile_rows(scenes, masks, dps, embs, pubs)
     create_table_artifact(table=rows, key="build-tiles",

@@ -17,7 +17,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
-from tasks import acquire, dpixels, embed, mask, publish, train
+from tasks import acquire, catalog, dpixels, embed, mask, preview, publish, train
 from tasks.config import StorageConfig
 from tasks.storage import code_version, content_key, join, normalise, storage_options
 
@@ -37,6 +37,8 @@ TASK_CODE: dict[str, tuple[str, ...]] = {
     "prepare-stores": ("tasks.publish",),
     "publish": ("tasks.publish", "tessera_model.quantise"),
     "finalise-stores": ("tasks.publish",),
+    "update-catalog": ("tasks.catalog", "tasks.publish"),
+    "preview": ("tasks.preview", "tasks.publish"),
 }
 """The code each task's result depends on (its cache key includes that code's hash)."""
 
@@ -117,3 +119,15 @@ def finalise_stores_task(published, year, storage):  # noqa: ANN001, ANN201
     """Recount each zone's tiles once all publishes are done (they may have raced)."""
     groups = sorted({(p.store_uri, p.group) for p in published})
     return {g: publish.refresh_n_tiles(storage.output_uri, year, g, storage) for _, g in groups}
+
+
+@task(name="update-catalog", retries=3, retry_delay_seconds=RETRY_DELAYS, **_common)
+def update_catalog_task(published, year, storage, cfg):  # noqa: ANN001, ANN201
+    """Regenerate the year's parquet manifest and STAC catalogue from the committed tiles."""
+    return catalog.update_catalog(storage.output_uri, year, storage, cfg)
+
+
+@task(name="preview", retries=2, retry_delay_seconds=RETRY_DELAYS, task_run_name="preview-{group}", **_common)
+def preview_task(published, year, group, storage, cfg):  # noqa: ANN001, ANN201
+    """The zone's PCA RGB preview (``rgb`` array + PNG quicklook)."""
+    return preview.make_preview(storage.output_uri, year, group, storage, cfg, max_side=512)

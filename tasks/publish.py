@@ -31,7 +31,9 @@ retract all scales (the zone reads as absent, never as misplaced data), resize a
 then copy the scales back LAST. A crash anywhere is resumed by the next prepare. We chose this
 over a fixed zone-wide origin (which never moves) because that would make every zone group
 ~930,000 x 80,000 px with MB-sized coordinate arrays and million-chunk dask graphs for every
-reader; origin moves are rare (a build grows a zone once) and cost one copy per shard.
+reader; origin moves are rare (a build grows a zone once) and cost two object copies per
+shard. The price: during a move the zone reads as empty (all scales NaN) for the time of the
+copies back, never as misplaced data.
 
 Commit protocol per tile (:func:`publish_tile`): retract (record removed, scales -> NaN),
 write ALL int8 embedding blocks, then the scales of the whole tile (the commit: a reader
@@ -46,7 +48,7 @@ Concurrency: writers take a lease in ``{year}.zarr/.tessera/locks/{group}/`` (wr
 object, then list; :class:`ZoneLease`). Publishers hold shared leases (different tiles own
 different shards, so they write in parallel); creating, growing or re-keying a zone takes an
 exclusive one. Leases older than ``PublishConfig.lease_ttl_s`` are ignored (a crashed
-writer). ``tessera:n_tiles`` is recounted from the tile records until a recount after the
+writer); live writers renew theirs between blocks. ``tessera:n_tiles`` is recounted from the tile records until a recount after the
 write agrees, so concurrent publishers converge on the true count.
 """
 
@@ -201,9 +203,7 @@ class ZoneExtent(BaseModel):
             return self
         other = ZoneExtent.from_tiles(tiles)
         if (other.zone, other.south) != (self.zone, self.south):
-            raise DataError(
-                f"Expected tiles of zone {self.group}. Got zone {other.group}."
-            )
+            raise DataError(f"Expected tiles of zone {self.group}. Got zone {other.group}.")
         left, top = min(self.x0, other.x0), max(self.y0, other.y0)
         right = max(self.bbox[2], other.bbox[2])
         bottom = min(self.bbox[1], other.bbox[1])
@@ -419,6 +419,342 @@ def _create_zone(
     return group
 
 
+# --------------------------------------------------------------------------------------------
+# Leases (writer coordination on any fsspec store, no conditional writes needed)
+# --------------------------------------------------------------------------------------------
+
+
+class ZoneLease:
+    """A writer lease on one zone group of a year store: shared (publish) or exclusive (grow).
+
+    Protocol (correct on any store with read-after-write listing, as S3 and local disks are):
+    write ``{s|x}-{time_ns}-{uuid}`` into ``.tessera/locks/{group}/``, then list the folder.
+    A shared lease holds when no live exclusive one is listed; an exclusive one when nothing
+    else live is listed. Otherwise it deletes itself and retries after a random back-off. Of
+    two writers that both write then list, at least one sees the other, so a conflicting pair
+    never both hold. Leases older than ``ttl_s`` are ignored (crashed writers).
+
+    Use as a context manager::
+
+        with ZoneLease(store_uri, "utm31", storage, exclusive=True):
+            ...
+    """
+
+    def __init__(
+        self,
+        store_uri: str,
+        group: str,
+        storage: StorageConfig,
+        *,
+        exclusive: bool,
+        ttl_s: float = 300.0,
+        timeout_s: float = 900.0,
+    ) -> None:
+        self.dir_uri = join(store_uri, LOCKS_DIR, group)
+        self.storage = storage
+        self.exclusive = exclusive
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self._path: str | None = None
+        self._since = 0.0
+
+    def _live(self, names: list[str], now_ns: int) -> list[str]:
+        live = []
+        for n in names:
+            try:
+                t_ns = int(n.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if now_ns - t_ns < self.ttl_s * 1e9:
+                live.append(n)
+        return live
+
+    def __enter__(self) -> ZoneLease:
+        fs, dir_path = get_fs(self.dir_uri, self.storage)
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.01
+        while True:
+            name = f"{'x' if self.exclusive else 's'}-{time.time_ns()}-{uuid.uuid4().hex}"
+            uri = join(self.dir_uri, name)
+            write_bytes_atomic(uri, b"{}", self.storage)
+            _, path = get_fs(uri, self.storage)
+            names = [p.rsplit("/", 1)[-1] for p in _ls(fs, dir_path)]
+            names = [n for n in names if n[:2] in ("x-", "s-")]  # not temporary files
+            others = [n for n in self._live(names, time.time_ns()) if n != name]
+            conflict = bool(others) if self.exclusive else any(n[0] == "x" for n in others)
+            if not conflict:
+                self._path, self._since = path, time.monotonic()
+                return self
+            fs.rm(path)
+            if time.monotonic() > deadline:
+                kind = "exclusive" if self.exclusive else "shared"
+                raise StorageError(
+                    f"{self.dir_uri}: Expected to take a {kind} lease within "
+                    f"{self.timeout_s:.0f} s. Got conflicting leases {others[:3]} (another "
+                    "build writing this zone; stale leases expire after "
+                    f"{self.ttl_s:.0f} s)."
+                )
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 1.0)
+
+    def renew(self) -> None:
+        """Keep a long hold alive: past a third of the TTL, write a fresh lease, drop the old.
+
+        Writers call it between blocks, so a live writer's lease never looks stale.
+        """
+        if self._path is None or time.monotonic() - self._since < self.ttl_s / 3:
+            return
+        fs, _ = get_fs(self.dir_uri, self.storage)
+        name = f"{'x' if self.exclusive else 's'}-{time.time_ns()}-{uuid.uuid4().hex}"
+        uri = join(self.dir_uri, name)
+        write_bytes_atomic(uri, b"{}", self.storage)
+        old, (_, self._path), self._since = self._path, get_fs(uri, self.storage), time.monotonic()
+        fs.rm(old)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._path is not None:
+            fs, _ = get_fs(self.dir_uri, self.storage)
+            try:
+                fs.rm(self._path)
+            except FileNotFoundError:
+                pass
+            self._path = None
+
+
+def _ls(fs: Any, path: str) -> list[str]:
+    """Names under a folder, bypassing fsspec's listing cache; [] when it does not exist."""
+    try:
+        fs.invalidate_cache(path)
+        return list(fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def _lease(
+    store_uri: str, group: str, cfg: PublishConfig, storage: StorageConfig, *, exclusive: bool
+) -> ZoneLease:
+    return ZoneLease(
+        store_uri,
+        group,
+        storage,
+        exclusive=exclusive,
+        ttl_s=cfg.lease_ttl_s,
+        timeout_s=cfg.lease_timeout_s,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Growing a zone grid
+# --------------------------------------------------------------------------------------------
+
+
+def _journal_uri(store_uri: str, group: str) -> str:
+    return join(store_uri, GROW_DIR, f"{group}.json")
+
+
+def _read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
+    fs, path = get_fs(uri, storage)
+    try:
+        fs.invalidate_cache(path)
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _shard_keys(fs: Any, array_path: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(path, chunk index) of every stored shard of an array (v3 default keys ``c/i/j[/k]``)."""
+    base = array_path.rstrip("/") + "/c"
+    try:
+        fs.invalidate_cache(base)
+        paths = fs.find(base)
+    except FileNotFoundError:
+        return []
+    out = []
+    for p in paths:
+        rel = p[len(base) + 1 :] if p.startswith(base) else p.split("/c/", 1)[-1]
+        try:
+            out.append((p, tuple(int(x) for x in rel.split("/"))))
+        except ValueError:
+            continue
+    return sorted(out, key=lambda kv: kv[1])
+
+
+def _write_coords(group: zarr.Group, ext: ZoneExtent) -> None:
+    """(Re)write ``easting``/``northing`` for a grid and the ``spatial_ref`` transform."""
+    coords = (
+        (
+            "easting",
+            ext.x0 + PIXEL_M * (np.arange(ext.width, dtype=np.float64) + 0.5),
+            {"standard_name": "projection_x_coordinate", "axis": "X", "units": "m"},
+        ),
+        (
+            "northing",
+            ext.y0 - PIXEL_M * (np.arange(ext.height, dtype=np.float64) + 0.5),
+            {"standard_name": "projection_y_coordinate", "axis": "Y", "units": "m"},
+        ),
+    )
+    for name, values, attrs in coords:
+        arr = group.create_array(
+            name,
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=values.shape,
+            compressors=None,
+            filters=None,
+            fill_value=0,
+            dimension_names=[name],
+            attributes=attrs,
+            overwrite=True,
+        )
+        arr[:] = values
+    sref = group["spatial_ref"]
+    sref.attrs.update(_grid_mapping_attrs(ext))
+
+
+def _spatial_attrs(ext: ZoneExtent) -> dict[str, Any]:
+    return {
+        "proj:code": f"EPSG:{ext.epsg}",
+        "spatial:transform": ext.transform,
+        "spatial:shape": [ext.height, ext.width],
+        "spatial:bbox": ext.bbox,
+    }
+
+
+def _grow_zone(
+    store_uri: str,
+    group: zarr.Group,
+    old: ZoneExtent,
+    new: ZoneExtent,
+    storage: StorageConfig,
+    lease: ZoneLease,
+) -> None:
+    """Grow a zone grid to ``new`` (covering ``old``); call under an exclusive lease.
+
+    East/south: resize only. West/north: :func:`_move_origin` first.
+    """
+    if new.x0 != old.x0 or new.y0 != old.y0:
+        _move_origin(store_uri, old.group, old, new, storage, lease)
+        return
+    for name in DATA_ARRAYS:
+        if name in group:
+            arr = group[name]
+            arr.resize((new.height, new.width, *arr.shape[2:]))
+    _write_coords(group, new)
+    group.attrs.update(_spatial_attrs(new))
+
+
+def _move_origin(
+    store_uri: str,
+    name: str,
+    old: ZoneExtent,
+    new: ZoneExtent,
+    storage: StorageConfig,
+    lease: ZoneLease,
+) -> None:
+    """Move a zone grid's origin west/north by whole shards, resumably (exclusive lease held).
+
+    Journal ``.tessera/grow/{group}.json`` records ``old``/``new`` and the phase:
+
+    1. ``staging``: copy every shard of every data array to ``.tessera/grow/{group}/`` (the
+       array is untouched, so a crash here is redone from scratch);
+    2. ``moving``: delete the scales shards (the zone now reads as absent), then the other
+       shards; resize the arrays and rewrite coordinates, ``spatial_ref``, group attributes
+       and tile records (a consistent new grid with every tile absent); copy staged shards
+       to their new keys, ``scales`` LAST; delete the staging copies and the journal. Every step is idempotent, so a crash is resumed by
+       rerunning phase 2 from the journal.
+    """
+    fs, store_path = get_fs(store_uri, storage)
+    journal = _journal_uri(store_uri, name)
+    stage_uri = join(store_uri, GROW_DIR, name)
+    _, stage_path = get_fs(stage_uri, storage)
+    rec = {"group": name, "old": old.model_dump(), "new": new.model_dump(), "phase": "staging"}
+    write_bytes_atomic(journal, json.dumps(rec).encode(), storage)
+    if fs.exists(stage_path):
+        fs.rm(stage_path, recursive=True)
+    for arr_name in DATA_ARRAYS:
+        for path, idx in _shard_keys(fs, f"{store_path}/{name}/{arr_name}"):
+            dst = f"{stage_path}/{arr_name}/c/" + "/".join(map(str, idx))
+            _copy(fs, path, dst)
+            lease.renew()
+    rec["phase"] = "moving"
+    write_bytes_atomic(journal, json.dumps(rec).encode(), storage)
+    _finish_move(store_uri, name, storage, lease)
+
+
+def _copy(fs: Any, src: str, dst: str) -> None:
+    """Copy one object (server-side on S3); parents made where the filesystem needs them."""
+    fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+    fs.copy(src, dst)
+
+
+def _finish_move(store_uri: str, name: str, storage: StorageConfig, lease: ZoneLease) -> None:
+    """Phase 2 of :func:`_move_origin`, from its journal (idempotent)."""
+    rec = _read_json(_journal_uri(store_uri, name), storage)
+    if rec is None:
+        return
+    old, new = ZoneExtent(**rec["old"]), ZoneExtent(**rec["new"])
+    fs, store_path = get_fs(store_uri, storage)
+    _, stage_path = get_fs(join(store_uri, GROW_DIR, name), storage)
+    if rec["phase"] == "staging":  # crashed while staging: the arrays are intact, redo
+        _move_origin(store_uri, name, old, new, storage, lease)
+        return
+    d_row = round((new.y0 - old.y0) / (SHARD_PX * PIXEL_M))
+    d_col = round((old.x0 - new.x0) / (SHARD_PX * PIXEL_M))
+    # scales first: from here the zone reads as absent until its scales come back
+    for arr_name in ("scales", "embeddings", "rgb"):
+        for path, _ in _shard_keys(fs, f"{store_path}/{name}/{arr_name}"):
+            fs.rm(path)
+    # the new grid, complete and consistent (every tile absent) before any shard returns
+    group = zarr.open_group(zarr_store(join(store_uri, name), storage), mode="r+")
+    for arr_name in DATA_ARRAYS:
+        if arr_name in group:
+            arr = group[arr_name]
+            arr.resize((new.height, new.width, *arr.shape[2:]))
+    _write_coords(group, new)
+    group.attrs.update(_spatial_attrs(new))
+    _rewrite_record_offsets(store_uri, new, storage)
+    for arr_name in DATA_ARRAYS:  # scales last: the commit
+        for path, idx in _shard_keys(fs, f"{stage_path}/{arr_name}"):
+            moved = (idx[0] + d_row, idx[1] + d_col, *idx[2:])
+            _copy(fs, path, f"{store_path}/{name}/{arr_name}/c/" + "/".join(map(str, moved)))
+            lease.renew()
+    if fs.exists(stage_path):
+        fs.rm(stage_path, recursive=True)
+    _, jpath = get_fs(_journal_uri(store_uri, name), storage)
+    fs.rm(jpath)
+
+
+def _rewrite_record_offsets(store_uri: str, ext: ZoneExtent, storage: StorageConfig) -> None:
+    fs, path = get_fs(join(store_uri, RECORDS_DIR), storage)
+    prefix = f"{ext.zone:02d}{'S' if ext.south else 'N'}-"
+    for p in _ls(fs, path):
+        fname = p.rsplit("/", 1)[-1]
+        if not (fname.startswith(prefix) and fname.endswith(".json")):
+            continue
+        uri = join(store_uri, RECORDS_DIR, fname)
+        rec = _read_json(uri, storage)
+        if rec is None:
+            continue
+        r0, c0 = ext.offset(Tile.from_id(rec["tile_id"]))
+        if (rec.get("row_offset"), rec.get("col_offset")) != (r0, c0):
+            rec.update(row_offset=r0, col_offset=c0)
+            write_bytes_atomic(uri, json.dumps(rec, sort_keys=True, indent=1).encode(), storage)
+
+
+def _check_no_move(store_uri: str, name: str, storage: StorageConfig) -> None:
+    if _read_json(_journal_uri(store_uri, name), storage) is not None:
+        raise StorageError(
+            f"{join(store_uri, name)}: Expected a zone grid at rest. Got an unfinished origin "
+            "move (a crashed prepare_zone_stores); run prepare_zone_stores again to finish it."
+        )
+
+
 def prepare_zone_stores(
     tiles: Sequence[Tile],
     year: int,
@@ -427,14 +763,17 @@ def prepare_zone_stores(
     model_version: str,
     n_bands: int = N_BANDS,
 ) -> list[str]:
-    """Create (or validate and reuse) the year store and one zone group per zone of the tiles.
+    """Create, validate or grow the year store and one zone group per zone of the tiles.
 
-    Each new group's grid is the union of its tiles' extents snapped to whole 256-px shards.
+    A new group's grid is the union of its tiles' extents snapped to whole 256-px shards; an
+    existing group is grown to cover new tiles (east/south: resize; west/north: a journaled
+    origin move, see the module docstring). Each zone is changed under an exclusive
+    :class:`ZoneLease`; an unfinished origin move left by a crash is completed first.
 
     Args:
         tiles: Tiles that will be published (any zones, any order).
         year: The year; the store is ``{storage.output_uri}/{year}.zarr``.
-        cfg: Publish config (compression level, build version).
+        cfg: Publish config (compression level, build version, lease timing).
         storage: Storage roots.
         model_version: Recorded as ``tessera:model_version``; an existing group must match.
         n_bands: Embedding dimensions B.
@@ -444,20 +783,22 @@ def prepare_zone_stores(
         ``{storage.output_uri}/{year}.zarr/{name}``.
 
     Raises:
-        DataError: an existing store of another ``tessera:dataset_version`` or year, an
-            existing zone group of another ``tessera:model_version``, or one whose grid does
-            not cover a tile (growing a zone grid is not supported yet).
+        DataError: an existing store of another ``tessera:dataset_version`` or year, or an
+            existing zone group of another ``tessera:model_version`` or band count.
+        StorageError: a lease could not be taken in time.
     """
     store_uri = year_store_uri(storage.output_uri, year)
     if not tiles:
         return []
     root = _open_root(store_uri, storage)
     if root is None:
-        root = zarr.create_group(
-            zarr_store(store_uri, storage), attributes=_root_attrs(year), zarr_format=3
-        )
-    else:
-        _check_root(root, store_uri, year)
+        with _lease(store_uri, "_root", cfg, storage, exclusive=True):
+            root = _open_root(store_uri, storage)
+            if root is None:
+                root = zarr.create_group(
+                    zarr_store(store_uri, storage), attributes=_root_attrs(year), zarr_format=3
+                )
+    _check_root(root, store_uri, year)
     by_zone: dict[tuple[int, bool], list[Tile]] = {}
     for t in tiles:
         by_zone.setdefault((t.zone, t.south), []).append(t)
@@ -465,19 +806,21 @@ def prepare_zone_stores(
     for (zone, south), zone_tiles in sorted(by_zone.items()):
         name = _group_name(zone, south)
         where = join(store_uri, name)
-        if name in root:
-            group = root[name]
-            if not isinstance(group, zarr.Group):
-                raise DataError(f"{where}: Expected a zone group. Got an array.")
-            ext = _check_zone(group, where, model_version, n_bands)
-            outside = [t.id for t in zone_tiles if not ext.covers(t)]
-            if outside:
-                raise DataError(
-                    f"{where}: Expected tiles inside the existing zone grid (bbox {ext.bbox}). "
-                    f"Got tiles outside it: {outside[:5]}. Growing a zone store is not supported."
+        with _lease(store_uri, name, cfg, storage, exclusive=True) as lease:
+            _finish_move(store_uri, name, storage, lease)
+            root = zarr.open_group(zarr_store(store_uri, storage), mode="r+")
+            if name in root:
+                group = root[name]
+                if not isinstance(group, zarr.Group):
+                    raise DataError(f"{where}: Expected a zone group. Got an array.")
+                ext = _check_zone(group, where, model_version, n_bands)
+                new = ext.union(zone_tiles)
+                if new != ext:
+                    _grow_zone(store_uri, group, ext, new, storage, lease)
+            else:
+                _create_zone(
+                    root, ZoneExtent.from_tiles(zone_tiles), year, n_bands, model_version, cfg
                 )
-        else:
-            _create_zone(root, ZoneExtent.from_tiles(zone_tiles), year, n_bands, model_version, cfg)
         names.append(name)
     return sorted(names)
 
@@ -503,22 +846,14 @@ def read_tile_record(
     output_uri: str, year: int, tile: Tile, storage: StorageConfig
 ) -> dict[str, Any] | None:
     """The commit record of a published tile, or None when it is not published."""
-    fs, path = get_fs(_record_uri(year_store_uri(output_uri, year), tile), storage)
-    try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
+    return _read_json(_record_uri(year_store_uri(output_uri, year), tile), storage)
 
 
 def _count_tiles(store_uri: str, zone: int, south: bool, storage: StorageConfig) -> int:
     """Committed tiles of one zone group, counted from the records (tile ids start "31N-")."""
     fs, path = get_fs(join(store_uri, RECORDS_DIR), storage)
     prefix = f"{zone:02d}{'S' if south else 'N'}-"
-    try:
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        return 0
+    names = [p.rsplit("/", 1)[-1] for p in _ls(fs, path)]
     return sum(1 for n in names if n.startswith(prefix) and n.endswith(".json"))
 
 
@@ -547,9 +882,11 @@ def publish_tile(
 ) -> PublishRef:
     """Quantise one tile's float embeddings and commit them into its zone group.
 
-    The zone group must exist (:func:`prepare_zone_stores`). Writes go block by block (a shard
-    row, at most 4 shards wide): int8 embeddings first, then scales; a pixel is visible only
-    once its scale is written. A tile already published with the same content (SHA-256 of the
+    The zone group must exist and cover the tile (:func:`prepare_zone_stores`). Under a shared
+    :class:`ZoneLease`: retract, write every int8 embedding block (a shard row, at most 4
+    shards wide, so input memory is bounded by the block), then the whole tile's scales (the
+    commit; a pixel is visible only once its scale is written), then the record. A publish
+    that dies before its scales leaves the tile absent, and a re-run completes it. A tile already published with the same content (SHA-256 of the
     float input), model version and format is skipped; different content replaces it cleanly
     (the record and the scales are retracted first).
 
@@ -582,12 +919,7 @@ def publish_tile(
     if not isinstance(group, zarr.Group):
         raise DataError(f"{where}: Expected a zone group. Got an array.")
     n_bands = int(group.attrs["tessera:n_bands"])
-    ext = _check_zone(group, where, model_version, n_bands)
-    if not ext.covers(tile):
-        raise DataError(
-            f"tile {tile.id}: Expected a tile inside zone grid {where} (bbox {ext.bbox}). "
-            f"Got tile bounds {list(tile.bounds)}."
-        )
+    _check_zone(group, where, model_version, n_bands)
 
     src_group = zarr.open_group(zarr_store(emb.uri, storage, read_only=True), mode="r")
     if "embedding" not in src_group:
@@ -606,44 +938,78 @@ def publish_tile(
     if old is not None and old.get("publish_key") == key:
         return ref.model_copy(update={"skipped": True})
 
-    emb_arr = group["embeddings"]
-    scales_arr = group["scales"]
-    r0, c0 = ext.offset(tile)
-    rows_all, cols_all = slice(r0, r0 + tile.height), slice(c0, c0 + tile.width)
-    # Retract: drop the record, then the scales (whole NaN shards are deleted, not stored).
-    fs, rec_path = get_fs(record_uri, storage)
-    if old is not None:
-        fs.rm(rec_path)
-    scales_arr[rows_all, cols_all] = np.full((tile.height, tile.width), np.nan, np.float32)
-
-    n_valid = 0
-    for rows, cols in _blocks(tile.height, tile.width):
-        q, s = _quantise(np.asarray(src[rows, cols, :], dtype=np.float32))
-        zr = slice(r0 + rows.start, r0 + rows.stop)
-        zc = slice(c0 + cols.start, c0 + cols.stop)
-        emb_arr[zr, zc, :] = q
-        scales_arr[zr, zc] = s  # the commit of this block
-        n_valid += int(np.isfinite(s).sum())
-
-    record = {
-        "tile_id": tile.id,
-        "group": name,
-        "row_offset": r0,
-        "col_offset": c0,
-        "shape": list(shape),
-        "content_sha256": sha,
-        "publish_key": key,
-        "publish_format": PUBLISH_FORMAT,
-        "model_version": model_version,
-        "source_key": emb.key,
-        "n_valid": n_valid,
-        "n_nodata": tile.height * tile.width - n_valid,
-    }
-    write_bytes_atomic(record_uri, json.dumps(record, sort_keys=True, indent=1).encode(), storage)
-    n_tiles = _count_tiles(store_uri, tile.zone, tile.south, storage)
-    if group.attrs.get("tessera:n_tiles") != n_tiles:
-        group.attrs.update({"tessera:n_tiles": n_tiles})
+    with _lease(store_uri, name, cfg, storage, exclusive=False) as lease:
+        _check_no_move(store_uri, name, storage)
+        # (re)open under the lease: no grid change can happen until it is released
+        group = zarr.open_group(zarr_store(where, storage), mode="r+")
+        ext = ZoneExtent.from_attrs(dict(group.attrs))
+        if not ext.covers(tile):
+            raise DataError(
+                f"tile {tile.id}: Expected a tile inside zone grid {where} (bbox {ext.bbox}); "
+                f"run prepare_zone_stores with it first. Got tile bounds {list(tile.bounds)}."
+            )
+        emb_arr, scales_arr = group["embeddings"], group["scales"]
+        r0, c0 = ext.offset(tile)
+        rows_all, cols_all = slice(r0, r0 + tile.height), slice(c0, c0 + tile.width)
+        # 1. Retract: drop the record, then the scales (whole NaN shards are deleted).
+        fs, rec_path = get_fs(record_uri, storage)
+        if old is not None:
+            fs.rm(rec_path)
+            _converge_n_tiles(store_uri, where, ext, storage)
+        scales_arr[rows_all, cols_all] = np.full((tile.height, tile.width), np.nan, np.float32)
+        # 2. Every embedding block; the tile's scales wait in memory (4 B/pixel).
+        scales = np.full((tile.height, tile.width), np.nan, np.float32)
+        for rows, cols in _blocks(tile.height, tile.width):
+            q, s = _quantise(np.asarray(src[rows, cols, :], dtype=np.float32))
+            emb_arr[r0 + rows.start : r0 + rows.stop, c0 + cols.start : c0 + cols.stop, :] = q
+            scales[rows, cols] = s
+            lease.renew()
+        # 3. The commit: the scales of the whole tile, then the record.
+        scales_arr[rows_all, cols_all] = scales
+        n_valid = int(np.isfinite(scales).sum())
+        record = {
+            "tile_id": tile.id,
+            "group": name,
+            "row_offset": r0,
+            "col_offset": c0,
+            "shape": list(shape),
+            "bounds": list(tile.bounds),
+            "epsg": ext.epsg,
+            "year": year,
+            "content_sha256": sha,
+            "publish_key": key,
+            "publish_format": PUBLISH_FORMAT,
+            "model_version": model_version,
+            "source_key": emb.key,
+            "n_valid": n_valid,
+            "n_nodata": tile.height * tile.width - n_valid,
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_bytes_atomic(
+            record_uri, json.dumps(record, sort_keys=True, indent=1).encode(), storage
+        )
+        _converge_n_tiles(store_uri, where, ext, storage)
     return ref
+
+
+def _converge_n_tiles(
+    store_uri: str, where: str, ext: ZoneExtent, storage: StorageConfig, max_rounds: int = 20
+) -> int:
+    """Write ``tessera:n_tiles`` = the record count until a recount after the write agrees.
+
+    Concurrent publishers each end with a recount that includes every record written before
+    their last attribute write, so the last write standing is the true count.
+    """
+    n = _count_tiles(store_uri, ext.zone, ext.south, storage)
+    for _ in range(max_rounds):
+        group = zarr.open_group(zarr_store(where, storage), mode="r+")
+        if group.attrs.get("tessera:n_tiles") != n:
+            group.attrs.update({"tessera:n_tiles": n})
+        again = _count_tiles(store_uri, ext.zone, ext.south, storage)
+        if again == n:
+            return n
+        n = again
+    return n
 
 
 def refresh_n_tiles(output_uri: str, year: int, group: str, storage: StorageConfig) -> int:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import zarr
@@ -24,14 +26,29 @@ from pydantic_core import to_jsonable_python
 from tasks.config import StorageConfig
 from tasks.errors import StorageError
 
+T = TypeVar("T")
+
 DONE_SUFFIX = ".done.json"
 """Commit marker written beside a result (``{uri}.done.json``), outside any Zarr hierarchy."""
 
 
 def storage_options(uri: str, cfg: StorageConfig) -> dict[str, Any]:
-    """fsspec options for a URI (S3 endpoint and region; credentials from the environment)."""
+    """fsspec options for a URI: S3 endpoint, region, credentials and transient-error retries.
+
+    Credentials: the config's secret fields when set (a flow fills them from a Prefect
+    block), else botocore's own chain (``AWS_*`` environment variables, profile, role).
+    Retries: botocore "standard" mode (throttling, 5xx, timeouts and connection errors, with
+    exponential back-off) for ``cfg.s3_max_attempts`` attempts, under s3fs's own retry loop.
+    The options hold secrets: never log them (:func:`redact` cleans messages).
+    """
     if uri.startswith("s3://"):
-        opts: dict[str, Any] = {}
+        opts: dict[str, Any] = {
+            "config_kwargs": {
+                "retries": {"max_attempts": cfg.s3_max_attempts, "mode": "standard"},
+                "connect_timeout": 10,
+                "read_timeout": 60,
+            },
+        }
         client: dict[str, Any] = {}
         if cfg.s3_endpoint_url:
             opts["endpoint_url"] = cfg.s3_endpoint_url
@@ -39,8 +56,69 @@ def storage_options(uri: str, cfg: StorageConfig) -> dict[str, Any]:
             client["region_name"] = cfg.s3_region
         if client:
             opts["client_kwargs"] = client
+        if cfg.s3_access_key_id is not None and cfg.s3_secret_access_key is not None:
+            opts["key"] = cfg.s3_access_key_id.get_secret_value()
+            opts["secret"] = cfg.s3_secret_access_key.get_secret_value()
+            if cfg.s3_session_token is not None:
+                opts["token"] = cfg.s3_session_token.get_secret_value()
         return opts
     return {}
+
+
+TRANSIENT_MARKERS = (
+    "SlowDown",
+    "Throttl",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+    "502",
+    "504",
+    "Connection reset",
+    "ConnectionError",
+    "timed out",
+)
+"""Substrings of S3/botocore/aiohttp error messages and codes that mark a transient error."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error is worth retrying (throttling, 5xx, timeouts, dropped connections)."""
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    text = f"{type(exc).__name__}: {exc}"
+    return any(m in text for m in TRANSIENT_MARKERS)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    delays_s: Sequence[float] = (0.5, 2.0, 8.0),
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn``; on a transient error retry after each delay in turn, then re-raise.
+
+    For whole operations above single requests (a request is already retried by botocore):
+    e.g. ``with_retries(lambda: fs.pipe_file(path, data))``.
+    """
+    for delay in (*delays_s, None):
+        try:
+            return fn()
+        except Exception as exc:
+            if delay is None or not is_transient(exc):
+                raise
+            sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def redact(text: str, cfg: StorageConfig) -> str:
+    """``text`` with every configured S3 secret replaced by ``***``."""
+    for secret in (cfg.s3_access_key_id, cfg.s3_secret_access_key, cfg.s3_session_token):
+        if secret is not None and secret.get_secret_value():
+            text = text.replace(secret.get_secret_value(), "***")
+    return text
 
 
 def normalise(uri: str) -> str:
@@ -96,11 +174,11 @@ def write_bytes_atomic(uri: str, data: bytes, cfg: StorageConfig) -> None:
     """Write bytes so readers see the old or the new content, never a part.
 
     Local files are written to a temporary name and renamed; object stores make a single
-    PUT visible atomically already.
+    PUT visible atomically already (retried on transient errors: a PUT is idempotent).
     """
     fs, path = get_fs(uri, cfg)
     if "://" in uri and not uri.startswith("file://"):
-        fs.pipe_file(path, data)
+        with_retries(lambda: fs.pipe_file(path, data))
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +209,21 @@ def check_writable(uri: str, cfg: StorageConfig, field: str) -> None:
         fs.pipe_file(path, b"ok")
         fs.rm(path)
     except Exception as exc:
-        raise ConfigError(field, f"cannot write to {uri!r} ({type(exc).__name__}: {exc})") from None
+        msg = f"cannot write to {uri!r} ({type(exc).__name__}: {exc})"
+        raise ConfigError(field, redact(msg, cfg)) from None
+
+
+def check_readable(uri: str, cfg: StorageConfig, field: str) -> None:
+    """Probe that a file URI exists, raising a ConfigError naming the config field."""
+    from tasks.errors import ConfigError
+
+    try:
+        fs, path = get_fs(uri, cfg)
+        ok = fs.isfile(path)
+    except Exception as exc:
+        raise ConfigError(field, f"cannot read {uri!r} ({type(exc).__name__}: {exc})") from None
+    if not ok:
+        raise ConfigError(field, f"expected an existing file. Got no file at {uri!r}")
 
 
 def content_key(*parts: Any) -> str:
@@ -161,5 +253,7 @@ def code_version(*modules: str) -> str:
     return h.hexdigest()[:12]
 
 
-def raise_storage(uri: str, exc: Exception) -> None:
-    raise StorageError(f"storage error at {uri}: {type(exc).__name__}: {exc}") from exc
+def raise_storage(uri: str, exc: Exception, cfg: StorageConfig | None = None) -> None:
+    """Raise a StorageError for ``exc`` at ``uri``, with any configured secret redacted."""
+    msg = f"storage error at {uri}: {type(exc).__name__}: {exc}"
+    raise StorageError(redact(msg, cfg) if cfg is not None else msg) from exc
