@@ -5,20 +5,25 @@ Measures, in one run on one device:
 - dense fp32 matmul GFLOP/s (best over a few square and model-shaped sizes) as the peak;
 - pixels/s of :func:`tessera_model.embed_pixels` (sampling + normalisation + model) and of
   ``model.encode`` alone, for the ``small`` and ``v1`` presets;
-- the model's analytic FLOP per pixel and the achieved fraction of the matmul peak.
+- the model's analytic FLOP per pixel and the achieved fraction of the matmul peak;
+- with ``--memory``: peak device memory of ``embed_pixels`` against the batch size (CUDA:
+  ``torch.cuda.max_memory_allocated``; CPU: peak RSS above the RSS before the call, in a
+  fresh subprocess per batch size, Linux only), beside the automatic batch size.
 
 Usage::
 
     python benchmarks/bench_embedding.py [--device cpu|cuda|auto] [--presets small v1]
-        [--batch 256] [--pixels 512] [--v1-pixels 128] [--threads N]
+        [--batch 256|0] [--pixels 512] [--v1-pixels 128] [--threads N] [--compile]
+        [--memory 256 1024 4096]
 
-Prints a markdown table.
+``--batch 0`` uses the automatic batch size. Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tessera_model import ModelSpec, TesseraModel, embed_pixels  # noqa: E402
+from tessera_model.infer import auto_batch_size  # noqa: E402
 from tessera_model.inputs import resolve_device  # noqa: E402
 
 
@@ -96,17 +102,20 @@ def _pixels(n: int, t2: int = 60, t1: int = 50, seed: int = 0) -> dict[str, np.n
     )
 
 
-def bench_model(preset: str, dev: torch.device, n: int, batch: int) -> tuple[float, float, float]:
+def bench_model(
+    preset: str, dev: torch.device, n: int, batch: int, compile: bool = False
+) -> tuple[float, float, float]:
     """Return (pipeline pixels/s, encode-only pixels/s, FLOP per pixel)."""
     spec = ModelSpec.preset(preset)
     torch.manual_seed(0)
     model = TesseraModel(spec, with_projector=False)
     data = _pixels(n)
-    embed_pixels(model, **{k: v[: min(batch, n)] if v.shape[0] == n else v
-                           for k, v in data.items()}, seed=0, batch_size=batch, device=dev)  # fmt: skip
+    warm = min(2 * batch, n)  # two batches: the prefetch thread and (with compile) the graph
+    embed_pixels(model, **{k: v[:warm] if v.shape[0] == n else v for k, v in data.items()},
+                 seed=0, batch_size=batch, device=dev, compile=compile)  # fmt: skip
     _sync(dev)
     t0 = time.perf_counter()
-    embed_pixels(model, **data, seed=0, batch_size=batch, device=dev)
+    embed_pixels(model, **data, seed=0, batch_size=batch, device=dev, compile=compile)
     _sync(dev)
     pipeline = n / (time.perf_counter() - t0)
 
@@ -114,33 +123,74 @@ def bench_model(preset: str, dev: torch.device, n: int, batch: int) -> tuple[flo
     x2 = torch.randn(batch, k, spec.s2_channels + 1, device=dev)
     x1 = torch.randn(batch, k, spec.s1_channels + 1, device=dev)
     x2[..., -1] = x1[..., -1] = 100.0
+    encode = torch.compile(model.encode, dynamic=False) if compile else model.encode
     ctx = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.no_grad()
     with torch.inference_mode(), ctx:
-        model.encode(x2, x1)
+        encode(x2, x1)
         _sync(dev)
         n_batches = max(1, n // batch)
         t0 = time.perf_counter()
         for _ in range(n_batches):
-            model.encode(x2, x1)
+            encode(x2, x1)
         _sync(dev)
-        encode = n_batches * batch / (time.perf_counter() - t0)
-    return pipeline, encode, flops_per_pixel(spec)
+        rate = n_batches * batch / (time.perf_counter() - t0)
+    return pipeline, rate, flops_per_pixel(spec)
+
+
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) of this process in KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_mib(preset: str, dev: torch.device, batch: int, n: int) -> float:
+    """Peak memory (MiB) of embedding ``n`` pixels at ``batch`` (see the module docstring)."""
+    if dev.type != "cuda":
+        code = (
+            "import sys, torch; sys.path.insert(0, sys.argv[1]);"
+            "from benchmarks.bench_embedding import _pixels, _rss_kib;"
+            "from tessera_model import ModelSpec, TesseraModel, embed_pixels;"
+            "m = TesseraModel(ModelSpec.preset(sys.argv[2]), with_projector=False);"
+            "d = _pixels(int(sys.argv[4]));"
+            "open('/proc/self/clear_refs', 'w').write('5');"  # reset the peak (VmHWM)
+            "r0 = _rss_kib('VmRSS');"
+            "embed_pixels(m, **d, seed=0, batch_size=int(sys.argv[3]), device='cpu');"
+            "print((_rss_kib('VmHWM') - r0) / 1024)"
+        )
+        root = str(Path(__file__).resolve().parents[1])
+        out = subprocess.run([sys.executable, "-c", code, root, preset, str(batch), str(n)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return float(out.stdout.strip().splitlines()[-1])
+    torch.manual_seed(0)
+    model = TesseraModel(ModelSpec.preset(preset), with_projector=False).to(dev)
+    data = _pixels(n)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    embed_pixels(model, **data, seed=0, batch_size=batch, device=dev)
+    return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--presets", nargs="+", default=["small", "v1"])
-    p.add_argument("--batch", type=int, default=256, help="pixels per forward pass")
+    p.add_argument("--batch", type=int, default=256, help="pixels per forward pass (0: auto)")
     p.add_argument("--pixels", type=int, default=4096, help="pixels to embed (small)")
     p.add_argument("--v1-pixels", type=int, default=256, help="pixels to embed (v1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--memory", type=int, nargs="*", default=None,
+                   help="batch sizes for the peak-memory table (v1 only)")  # fmt: skip
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {dev} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device: {dev} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}"
+          f", compile {args.compile}")  # fmt: skip
     print(
         f"matmul peak: best {'bf16' if dev.type == 'cuda' else 'fp32'} GFLOP/s, "
         "measured just before each preset's run\n"
@@ -150,11 +200,21 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
         n = args.v1_pixels if preset == "v1" else args.pixels
+        batch = min(args.batch or auto_batch_size(ModelSpec.preset(preset), dev), n)
         peak, _ = matmul_peak(dev)
-        pipe, enc, fpp = bench_model(preset, dev, n, min(args.batch, n))
+        pipe, enc, fpp = bench_model(preset, dev, n, batch, args.compile)
         achieved = enc * fpp / 1e9
-        print(f"| {preset} | {fpp / 1e9:.3f} G | {min(args.batch, n)} | {pipe:,.0f} | {enc:,.0f} "
+        print(f"| {preset} | {fpp / 1e9:.3f} G | {batch} | {pipe:,.0f} | {enc:,.0f} "
               f"| {achieved:.1f} | {peak:.1f} | {100 * achieved / peak:.0f}% |")  # fmt: skip
+    if args.memory:
+        auto = auto_batch_size(ModelSpec.preset("v1"), dev)
+        print(f"\nv1 peak memory vs batch size (automatic batch here: {auto})\n")
+        print("| batch | pixels embedded | peak MiB | MiB per pixel of batch |")
+        print("|---|---|---|---|")
+        for batch in args.memory:
+            n = 4 * batch
+            mib = peak_memory_mib("v1", dev, batch, n)
+            print(f"| {batch} | {n} | {mib:,.0f} | {mib / batch:.3f} |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 90.
 def ensure_limits(gpu: int = 1, builds: int = 2) -> None:
     """Create (or update) the ``gpu`` and ``tessera-builds`` global concurrency limits."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:

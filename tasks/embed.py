@@ -13,7 +13,9 @@ overlapping regions compose in one store (a re-publish of the same tile is a no-
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import time
 
 import fsspec
@@ -38,6 +40,7 @@ from tasks.storage import (
 from tessera_model import embed_pixels, load_model
 
 CODE = ("tasks.embed", "tasks.grid", "tessera_model")
+_CPU_LOCK = threading.Lock()
 S1_ORBIT_KEY = {"ascending": 0, "descending": 1000}
 """Added to an S1 day of year to make the sampling key of a step (asc/desc may share a DOY)."""
 
@@ -110,11 +113,14 @@ def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
             block_emb = np.full((bh * bw, d), np.nan, dtype=np.float32)
             idx = np.flatnonzero(sel)
             if idx.size:
-                block_emb[idx] = embed_pixels(
-                    model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx], s1_doy, s1_keys,
-                    pixel_ids(tile, rows, cols)[idx], seed=seed, batch_size=cfg.batch_size,
-                    device=device,
-                )
+                # On CPU torch already uses every core: concurrent tiles of one process take
+                # turns rather than oversubscribe the cores (which stalls its thread pool).
+                with _CPU_LOCK if device.type == "cpu" else contextlib.nullcontext():
+                    block_emb[idx] = embed_pixels(
+                        model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx], s1_doy,
+                        s1_keys, pixel_ids(tile, rows, cols)[idx], seed=seed,
+                        batch_size=cfg.batch_size, device=device, compile=cfg.compile,
+                    )
             emb[rows, cols, :] = block_emb.reshape(bh, bw, d)
             n_valid += int(idx.size)
     out.attrs.update({"tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),

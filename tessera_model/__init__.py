@@ -21,6 +21,7 @@ from tessera_model.constants import (
     decode_s1,
     encode_s1,
 )
+from tessera_model.data import ArrayShards, PixelShards, TrainingArrays
 from tessera_model.errors import (
     CheckpointError,
     InputShapeError,
@@ -28,13 +29,13 @@ from tessera_model.errors import (
     StateDictMismatchError,
     TesseraModelError,
 )
-from tessera_model.infer import embed_pixels
+from tessera_model.infer import auto_batch_size, embed_pixels
 from tessera_model.losses import barlow_twins_loss, cross_correlation, mix_regulariser
 from tessera_model.model import TesseraModel, inference_state_dict
 from tessera_model.quantise import dequantise, quantise
 from tessera_model.sampling import sample_indices
 from tessera_model.spec import ModelSpec
-from tessera_model.train import TrainingArrays, TrainResult, TrainSettings, fit
+from tessera_model.train import TrainResult, TrainSettings, fit
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,9 +46,11 @@ __all__ = [
     "S2_DN_OFFSET",
     "S2_MEAN",
     "S2_STD",
+    "ArrayShards",
     "CheckpointError",
     "InputShapeError",
     "ModelSpec",
+    "PixelShards",
     "SpecError",
     "StateDictMismatchError",
     "TesseraModel",
@@ -55,6 +58,7 @@ __all__ = [
     "TrainResult",
     "TrainSettings",
     "TrainingArrays",
+    "auto_batch_size",
     "barlow_twins_loss",
     "build_checkpoint",
     "cross_correlation",

@@ -165,6 +165,12 @@ def load_model(
         CheckpointError: unreadable file or unknown layout.
     """
     obj = read_checkpoint(file_or_path, map_location=map_location, allow_pickle=allow_pickle)
+    version = obj.get("format_version")
+    if version is not None and version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"Expected checkpoint format_version {FORMAT_VERSION}. Got {version!r} "
+            "(written by another version of tessera_model)."
+        )
     if "model_spec" in obj:
         spec = ModelSpec.model_validate(obj["model_spec"])
         if preset is not None and ModelSpec.preset(preset) != spec:

@@ -198,7 +198,9 @@ class BatchOrder:
         sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
         return epoch, self._seq_shard[sl], self._seq_row[sl]
 
-    def pixel_ids(self, shard: npt.NDArray[np.int64], row: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    def pixel_ids(
+        self, shard: npt.NDArray[np.int64], row: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.uint64]:
         """Stable ids (global positions in the training set) of the given pixels."""
         return (self.offsets[shard] + row).astype(np.uint64)
 

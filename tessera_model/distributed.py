@@ -95,8 +95,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if not self.training or world.size == 1:
             return super().forward(x)
         n = x.shape[0] * world.size
-        stats = all_reduce_sum(torch.cat([x.sum(0), (x * x).sum(0)]).float())
-        mean, sq = stats.chunk(2)
+        xs = x.to(torch.promote_types(x.dtype, torch.float32))  # sums in >= fp32 under AMP
+        total, sq = all_reduce_sum(torch.cat([xs.sum(0), (xs * xs).sum(0)])).chunk(2)
+        mean = total / n
         var = (sq / n - mean * mean).clamp_min(0)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
@@ -104,7 +105,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
                 m = self.momentum if self.momentum is not None else 0.1
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / max(n - 1, 1), alpha=m)  # type: ignore[union-attr]
-        y = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + self.eps)
+        y = (xs - mean) * torch.rsqrt(var + self.eps)  # fp32 out, as autocast's batch_norm
         return y * self.weight + self.bias if self.affine else y
 
 

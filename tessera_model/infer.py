@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +14,7 @@ from tessera_model.errors import InputShapeError
 from tessera_model.inputs import gather_inputs, resolve_device
 from tessera_model.model import TesseraModel
 from tessera_model.sampling import sample_indices
+from tessera_model.spec import ModelSpec
 
 S2_STREAM = 0
 S1_STREAM = 1
@@ -19,6 +22,17 @@ MIN_FORWARD_ROWS = 64
 """Forward passes are padded to at least this many rows: below it, CPU BLAS picks other
 kernels (another summation order), and a pixel's float result, hence its int8 bytes, would
 depend on how many pixels shared its batch."""
+AUTO_BATCH_MIN = 64
+AUTO_BATCH_MAX = 8192
+"""Cap of an automatic batch: an H200 runs v1 ``encode`` at 65k pixels/s at 4096 and 67k at
+32768 (BENCHMARKS.md), so larger batches buy nothing and only coarsen the overlap of host
+preparation with device compute (embed_pixels: 61.6k pixels/s at 4096, 55.4k at 32768)."""
+CPU_BATCH_BUDGET_BYTES = 1 << 30
+"""Activation budget of an automatic CPU batch: beyond a few hundred pixels CPU throughput
+no longer grows (BENCHMARKS.md), so there is no point in using more memory."""
+CUDA_FREE_FRACTION = 0.6
+"""Share of the device's free memory an automatic CUDA batch may use (the rest covers the
+allocator's fragmentation and other work on the card)."""
 
 
 def _check_shape(name: str, arr: npt.NDArray, shape: tuple[int | None, ...]) -> None:
@@ -28,6 +42,54 @@ def _check_shape(name: str, arr: npt.NDArray, shape: tuple[int | None, ...]) -> 
     if not ok:
         want = tuple("*" if s is None else s for s in shape)
         raise InputShapeError(f"Expected {name} of shape {want}. Got {arr.shape}.")
+
+
+def activation_bytes_per_pixel(spec: ModelSpec, dtype_bytes: int = 4) -> int:
+    """Upper estimate of the inference activation memory of one pixel (both modalities).
+
+    Per modality and layer the live tensors are about the FFN hidden ``(T, ffn)``, a few
+    ``(T, d)`` buffers (input, QKV, attention output, residuals) and the ``(heads, T, T)``
+    scores; the estimate counts ``ffn + 8 d + heads * T`` values per step, twice (two
+    modalities), in ``dtype_bytes`` (4: float32 on CPU; bf16 autocast keeps some fp32).
+    """
+    t, d = spec.sample_steps, spec.d_model
+    return 2 * t * (spec.ffn_dim + 8 * d + spec.n_heads * t) * dtype_bytes
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
+
+
+def auto_batch_size(spec: ModelSpec, device: str | torch.device | None = None) -> int:
+    """Pixels per forward pass from the memory the device has free.
+
+    CUDA: ``CUDA_FREE_FRACTION`` of ``torch.cuda.mem_get_info`` divided by
+    :func:`activation_bytes_per_pixel`; CPU: ``CPU_BATCH_BUDGET_BYTES`` divided likewise.
+    Rounded down to a power of two in ``[AUTO_BATCH_MIN, AUTO_BATCH_MAX]``.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        budget = CUDA_FREE_FRACTION * free
+    else:
+        budget = CPU_BATCH_BUDGET_BYTES
+    size = _pow2_floor(budget / activation_bytes_per_pixel(spec))
+    return int(min(AUTO_BATCH_MAX, max(AUTO_BATCH_MIN, size)))
+
+
+def _prefetched(make: Callable[[int], object], starts: range, enabled: bool) -> Iterator[object]:
+    """``make(start)`` for each start; with ``enabled``, the next one is built on a thread."""
+    if not enabled or len(starts) < 2:
+        for start in starts:
+            yield make(start)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tessera-prefetch") as pool:
+        pending = pool.submit(make, starts[0])
+        for nxt in list(starts[1:]) + [None]:
+            ready = pending.result()
+            if nxt is not None:
+                pending = pool.submit(make, nxt)
+            yield ready
 
 
 def embed_pixels(
@@ -41,20 +103,24 @@ def embed_pixels(
     s1_keys: npt.NDArray[np.int64],
     pixel_ids: npt.NDArray[np.uint64],
     seed: int,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     s2_keys: npt.NDArray[np.int64] | None = None,
+    compile: bool = False,
+    prefetch: bool | None = None,
 ) -> npt.NDArray[np.float32]:
     """Embed pixels; each pixel's result depends only on its data, id and the seed.
 
     ``spec.sample_steps`` valid steps are sampled per modality and pixel with
     :func:`sample_indices` (stream 0 for S2, 1 for S1), normalised with the v1.0 constants,
     given the raw DOY column and encoded under ``torch.inference_mode`` in batches of
-    ``batch_size`` pixels (memory is bounded by the batch). On CUDA the model runs under
-    bf16 autocast (attention through fused SDPA); on CPU in float32. The model is put in eval
-    mode and moved to ``device``. On one device type, results are bit-identical whatever the
-    batch size or the other pixels in the call (batches are padded to
-    :data:`MIN_FORWARD_ROWS` rows so the same kernels run).
+    ``batch_size`` pixels (memory is bounded by the batch, not by N). On CUDA the model runs
+    under bf16 autocast (attention through fused SDPA) and the host prepares the next batch
+    (sampling, gathering, pinned copy) on a thread while the device runs the current one; on
+    CPU it runs in float32. The model is put in eval mode and moved to ``device``. On one
+    device type, results are bit-identical whatever the batch size or the other pixels in
+    the call (batches are padded to :data:`MIN_FORWARD_ROWS` rows so the same kernels run;
+    with ``compile`` every batch is padded to ``batch_size`` rows, one compiled shape).
 
     Args:
         model: the model.
@@ -67,9 +133,13 @@ def embed_pixels(
         s1_keys: (T1,) int64 stable step keys (distinguish asc/desc steps of the same DOY).
         pixel_ids: (N,) uint64 stable pixel ids (e.g. row * width + col within the tile).
         seed: sampling seed.
-        batch_size: pixels per forward pass.
+        batch_size: pixels per forward pass; ``None`` or 0: :func:`auto_batch_size`.
         device: ``None``/``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         s2_keys: (T,) int64 S2 step keys; default the DOY.
+        compile: run ``model.encode`` through ``torch.compile`` (worth it for large N on
+            CUDA; the first call compiles).
+        prefetch: prepare the next batch on a thread; default on for CUDA, off for CPU
+            (where the thread would compete with the BLAS threads).
 
     Returns:
         (N, latent_dim) float32; NaN rows where either modality has no valid step.
@@ -84,38 +154,47 @@ def embed_pixels(
     _check_shape("s1_doy", s1_doy, (t1,))
     _check_shape("s1_keys", s1_keys, (t1,))
     _check_shape("pixel_ids", pixel_ids, (n,))
-    if batch_size < 1:
-        raise ValueError(f"Expected batch_size >= 1. Got {batch_size}.")
+    if batch_size is not None and batch_size < 0:
+        raise ValueError(f"Expected batch_size >= 0 (0 = automatic). Got {batch_size}.")
     keys2 = s2_doy.astype(np.int64) if s2_keys is None else np.asarray(s2_keys, np.int64)
     _check_shape("s2_keys", keys2, (t2,))
 
     dev = resolve_device(device)
     model.eval()
     model.to(dev)
+    batch = batch_size or auto_batch_size(model.spec, dev)
     k = model.spec.sample_steps
+    cuda = dev.type == "cuda"
     out = np.full((n, model.spec.latent_dim), np.nan, dtype=np.float32)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    encode = torch.compile(model.encode, dynamic=False) if compile else model.encode
+    min_rows = batch if compile else MIN_FORWARD_ROWS
+
+    def prepare(start: int) -> tuple[int, np.ndarray, torch.Tensor, torch.Tensor] | None:
+        sl = slice(start, min(start + batch, n))
+        v2, v1 = s2_valid[sl], s1_valid[sl]
+        rows = np.nonzero(v2.any(axis=1) & v1.any(axis=1))[0]
+        if rows.size == 0:
+            return None
+        ids = pixel_ids[sl][rows]
+        i2 = sample_indices(v2[rows], k, ids, seed, S2_STREAM, keys2)
+        i1 = sample_indices(v1[rows], k, ids, seed, S1_STREAM, s1_keys)
+        x2 = torch.from_numpy(gather_inputs(s2[sl][rows], s2_doy, i2, "s2"))
+        x1 = torch.from_numpy(gather_inputs(s1[sl][rows], s1_doy, i1, "s1"))
+        if rows.size < min_rows:
+            pad = np.zeros(min_rows - rows.size, dtype=np.int64)
+            x2, x1 = torch.cat([x2, x2[pad]]), torch.cat([x1, x1[pad]])
+        if cuda:
+            x2, x1 = x2.pin_memory(), x1.pin_memory()
+        return start, rows, x2, x1
+
+    use_thread = cuda if prefetch is None else prefetch
     with torch.inference_mode(), autocast:
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(start + batch_size, n))
-            v2, v1 = s2_valid[sl], s1_valid[sl]
-            rows = np.nonzero(v2.any(axis=1) & v1.any(axis=1))[0]
-            if rows.size == 0:
+        for item in _prefetched(prepare, range(0, n, batch), use_thread):
+            if item is None:
                 continue
-            ids = pixel_ids[sl][rows]
-            i2 = sample_indices(v2[rows], k, ids, seed, S2_STREAM, keys2)
-            i1 = sample_indices(v1[rows], k, ids, seed, S1_STREAM, s1_keys)
-            x2 = torch.from_numpy(gather_inputs(s2[sl][rows], s2_doy, i2, "s2")).to(dev)
-            x1 = torch.from_numpy(gather_inputs(s1[sl][rows], s1_doy, i1, "s1")).to(dev)
-            m = rows.size
-            if m < MIN_FORWARD_ROWS:
-                pad = np.zeros(MIN_FORWARD_ROWS - m, dtype=np.int64)
-                x2 = torch.cat([x2, x2[pad]])
-                x1 = torch.cat([x1, x1[pad]])
-            emb = model.encode(x2, x1)[:m]
+            start, rows, x2, x1 = item  # type: ignore[misc]
+            x2, x1 = x2.to(dev, non_blocking=True), x1.to(dev, non_blocking=True)
+            emb = encode(x2, x1)[: rows.size]
             out[start + rows] = emb.float().cpu().numpy()
     return out

@@ -1,12 +1,14 @@
-"""Self-supervised training (Barlow Twins + mix regulariser) on in-memory arrays of d-pixels.
+"""Self-supervised training (Barlow Twins + mix regulariser), streamed from pixel shards.
 
-One step: draw a batch from a seeded permutation of the pixels, sample two views of
+One step: take the step's global batch from a seeded shard and pixel order
+(:class:`~tessera_model.data.BatchOrder`; a pure function of the step), sample two views of
 ``spec.sample_steps`` steps per modality per pixel (independent hash streams), build the
 mixed sample ``x_m = alpha x1 + (1 - alpha) x2[pi]`` (alpha ~ Beta(1, 1), DOY column
 included), project all three and minimise ``L_BT(z1, z2) + L_mix``. AdamW with two parameter
 groups (ndim > 1 at 0.2 x LR, ndim == 1 at 0.0048 x LR), linear warm-up then cosine to 0,
 gradient clipping, bf16 autocast on CUDA. Checkpoints are atomic and hold everything needed
-to resume bit-exactly on CPU.
+to resume bit-exactly on CPU. Data parallel over ``torch.distributed`` when a process
+group is initialised (see :mod:`tessera_model.distributed`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from tessera_model.checkpoint import build_checkpoint, read_checkpoint, save_checkpoint
-from tessera_model.errors import CheckpointError, InputShapeError
+from tessera_model.data import ArrayShards, BatchOrder, PixelShards, ShardReader, TrainingArrays
+from tessera_model.distributed import (
+    World,
+    all_gather_rows,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    current_world,
+    gather_objects,
+    use_global_batchnorm,
+)
+from tessera_model.errors import CheckpointError
 from tessera_model.inputs import gather_inputs, resolve_device
 from tessera_model.losses import barlow_twins_loss, mix_regulariser
 from tessera_model.model import TesseraModel
@@ -34,6 +47,7 @@ MATRIX_LR_FACTOR = 0.2
 VECTOR_LR_FACTOR = 0.0048
 # Settings that may change between a run and its resumption.
 _RESUMABLE_CHANGES = frozenset({"checkpoint_every", "device"})
+_RANK_SEED_STRIDE = 1_000_003
 
 
 class TrainSettings(BaseModel):
@@ -83,3 +97,197 @@ def _param_groups(model: torch.nn.Module, lr: float, wd: float) -> list[dict[str
     ]  # fmt: skip
 
 
+
+def _view(
+    data: TrainingArrays,
+    rows: npt.NDArray[np.int64],
+    ids: npt.NDArray[np.uint64],
+    k: int,
+    seed: int,
+    stream: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view of the given batch rows: (b, k, C2 + 1) and (b, k, C1 + 1) float32 inputs."""
+    v2, v1 = data.s2_valid[rows], data.s1_valid[rows]
+    ids = ids[rows]
+    i2 = sample_indices(v2, k, ids, seed, 2 * stream, np.arange(v2.shape[1], dtype=np.int64))
+    i1 = sample_indices(v1, k, ids, seed, 2 * stream + 1, np.arange(v1.shape[1], dtype=np.int64))
+    x2 = gather_inputs(data.s2[rows], data.s2_doy[rows], i2, "s2")
+    x1 = gather_inputs(data.s1[rows], data.s1_doy[rows], i1, "s1")
+    return torch.from_numpy(x2), torch.from_numpy(x1)
+
+
+def _rng_state(gen: torch.Generator, dev: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "mix": gen.get_state()}
+    if dev.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator, dev: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    gen.set_state(state["mix"].cpu())
+    if dev.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), dev)
+
+
+def _rank_device(settings: TrainSettings, world: World) -> torch.device:
+    dev = resolve_device(settings.device)
+    if dev.type == "cuda" and dev.index is None and world.size > 1:
+        dev = torch.device("cuda", world.rank % torch.cuda.device_count())
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def fit(
+    spec: ModelSpec,
+    data: TrainingArrays | PixelShards,
+    settings: TrainSettings,
+    checkpoint_path: str,
+    resume: bool = True,
+    log_fn: Callable[[int, float, float], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train a :class:`TesseraModel` from scratch or resume it from ``checkpoint_path``.
+
+    Data parallel when a ``torch.distributed`` process group is initialised (e.g. under
+    ``torchrun``): every rank calls ``fit`` with the same arguments; the global batch
+    ``settings.batch_size`` is split evenly over the ranks and the result equals the
+    single-process run up to float rounding (and dropout masks, which differ per rank). On
+    CUDA each rank uses ``cuda:<rank % device_count>`` unless the device names an index.
+    Only rank 0 writes the checkpoint.
+
+    Args:
+        spec: model to build.
+        data: training pixels, in memory (:class:`TrainingArrays`; pixels with no valid S2
+            or no valid S1 step are skipped) or as shards streamed from storage
+            (:class:`PixelShards`; at most two shards are held in memory).
+        settings: optimisation settings.
+        checkpoint_path: local file written every ``checkpoint_every`` steps and at the end
+            (atomically); read on start when ``resume`` and it exists.
+        resume: continue from an existing checkpoint (same spec and settings required).
+        log_fn: called on rank 0 as ``log_fn(step, loss, lr)`` after every step.
+        stop_after: stop (with a checkpoint) once this many steps are done in total, e.g.
+            to fit a time budget; the LR schedule still spans ``settings.steps``.
+
+    Returns:
+        :class:`TrainResult` with the losses of the steps run in this call and before.
+
+    Raises:
+        CheckpointError: the checkpoint to resume from has another spec or settings.
+        ValueError: fewer usable pixels than one batch, or a global batch that does not
+            split evenly over the ranks.
+    """
+    world = current_world()
+    if settings.batch_size % world.size:
+        raise ValueError(
+            f"Expected a batch_size divisible by the {world.size} ranks. "
+            f"Got {settings.batch_size}."
+        )
+    shards = ArrayShards(data) if isinstance(data, TrainingArrays) else data
+    order = BatchOrder(shards.shard_sizes, settings.batch_size, settings.seed)
+    reader = ShardReader(shards)
+    dev = _rank_device(settings, world)
+    torch.manual_seed(settings.seed)
+    model = TesseraModel(spec, with_projector=True)
+    if world.size > 1:
+        use_global_batchnorm(model)
+        broadcast_parameters(model)
+        if world.rank:  # dropout masks differ per rank; rank 0 keeps the single-process stream
+            torch.manual_seed(settings.seed + _RANK_SEED_STRIDE * world.rank)
+    model.to(dev).train()
+    opt = torch.optim.AdamW(_param_groups(model, settings.lr, settings.weight_decay))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, settings.steps, settings.warmup_fraction)
+    )
+    gen = torch.Generator().manual_seed(settings.seed)
+    start, losses = 0, []
+    path = Path(checkpoint_path)
+    if resume and path.exists():
+        ck = read_checkpoint(path, map_location=dev)
+        if ck.get("model_spec") != spec.model_dump():
+            raise CheckpointError(
+                f"Expected a checkpoint of spec {spec.model_dump()}. Got {ck.get('model_spec')}."
+            )
+        old = {k: v for k, v in ck.get("train_settings", {}).items() if k not in _RESUMABLE_CHANGES}
+        new = {k: v for k, v in settings.model_dump().items() if k not in _RESUMABLE_CHANGES}
+        if old != new:
+            raise CheckpointError(f"Expected train settings {new} to resume. Got {old}.")
+        model.load_state_dict(ck["model_state_dict"])
+        opt.load_state_dict(ck["optimizer_state_dict"])
+        sched.load_state_dict(ck["scheduler_state_dict"])
+        ranks = ck["rng_state"].get("ranks", [ck["rng_state"]])
+        rank_state = ranks[world.rank] if len(ranks) == world.size else ranks[0]
+        _set_rng_state(rank_state, gen, dev)
+        start, losses = int(ck["step"]), list(ck["losses"])
+
+    def save(step: int) -> None:
+        states = gather_objects(_rng_state(gen, dev))
+        if world.is_main:
+            obj = build_checkpoint(
+                model,
+                inference_only=False,
+                optimizer_state_dict=opt.state_dict(),
+                scheduler_state_dict=sched.state_dict(),
+                step=step,
+                rng_state={**states[0], "ranks": states},
+                train_settings=settings.model_dump(),
+                losses=losses,
+                world_size=world.size,
+            )
+            save_checkpoint(obj, path)
+        barrier()
+
+    k = spec.sample_steps
+    b = settings.batch_size // world.size
+    local = np.arange(world.rank * b, (world.rank + 1) * b, dtype=np.int64)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if dev.type == "cuda" and settings.amp
+        else contextlib.nullcontext()
+    )
+    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    for step in range(start, end):
+        epoch, shard, row = order.batch(step)
+        batch = reader.read(shard, row)
+        ids = order.pixel_ids(shard, row)
+        alpha = float(torch.rand((), generator=gen))  # Beta(1, 1) = U(0, 1)
+        perm = torch.randperm(settings.batch_size, generator=gen)
+        s2a, s1a = (t.to(dev) for t in _view(batch, local, ids, k, settings.seed, 4 * epoch + 2))
+        s2b, s1b = (t.to(dev) for t in _view(batch, local, ids, k, settings.seed, 4 * epoch + 3))
+        if world.size == 1:
+            s2p, s1p = s2b[perm.to(dev)], s1b[perm.to(dev)]
+        else:  # the partners x2[pi] of this rank's rows live in any rank's slice: resample
+            partners = perm[local].numpy().astype(np.int64)
+            s2p, s1p = (t.to(dev) for t in
+                        _view(batch, partners, ids, k, settings.seed, 4 * epoch + 3))  # fmt: skip
+        s2m = alpha * s2a + (1 - alpha) * s2p
+        s1m = alpha * s1a + (1 - alpha) * s1p
+        with autocast:
+            _, z1 = model(s2a, s1a)
+            _, z2 = model(s2b, s1b)
+            _, zm = model(s2m, s1m)
+        z1, z2, zm = (all_gather_rows(z.float()) for z in (z1, z2, zm))
+        loss = barlow_twins_loss(z1, z2, settings.barlow_lambda) + mix_regulariser(
+            zm, z1, z2, perm.to(dev), alpha, settings.barlow_lambda, settings.mix_lambda
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log_fn is not None and world.is_main:
+            log_fn(step + 1, losses[-1], sched.get_last_lr()[0])
+        done = step + 1
+        if done % settings.checkpoint_every == 0 or done == end:
+            save(done)
+    if start >= end and not path.exists():
+        save(start)
+    return TrainResult(
+        final_loss=losses[-1] if losses else float("nan"),
+        losses=losses,
+        steps=max(start, end),
+        checkpoint_path=str(path),
+    )

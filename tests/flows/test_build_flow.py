@@ -25,7 +25,11 @@ REGION = [0.105, 52.192, 0.125, 52.200]  # inside one 256-px tile of zone 31
 def _stages_of(run_id):
     """Filter for the stages subflow run of a build-region run."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
 
     with get_client(sync_client=True) as client:
         children = client.read_flow_runs(
@@ -117,6 +121,7 @@ def test_embedding_separates_land_cover(built):
 def test_second_run_is_served_from_cache(built):
     cfg, result, root, _ = built
     from prefect.client.orchestration import get_client
+
     from flows.build import build_region
 
     state = build_region(config=cfg, return_state=True)

@@ -64,7 +64,11 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 def _task_states(flow_run_id) -> dict[str, str]:
     """Task-run name -> state name, over a build-region run and its stage subflow."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
 
     with get_client(sync_client=True) as client:
         kids = client.read_flow_runs(flow_run_filter=FlowRunFilter(

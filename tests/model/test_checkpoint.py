@@ -126,3 +126,53 @@ def test_stored_spec_conflicting_preset() -> None:
 def test_unknown_layout() -> None:
     with pytest.raises(CheckpointError, match="model_state"):
         load_model(_buffer({"weights": {}}))
+
+
+def _official_v1_state(prefix: str = "") -> dict[str, torch.Tensor]:
+    """Random tensors with exactly the reference v1.0 keys and shapes, plus projector keys."""
+    from tests.model.test_model import read_reference_keys
+
+    gen = torch.Generator().manual_seed(0)
+    state = {f"{prefix}{k}": torch.randn(shape, generator=gen) for k, shape, _ in read_reference_keys()}
+    # the official file also holds the 1.3 B-parameter projector; inference ignores it (any shape)
+    state[f"{prefix}projector.net.0.weight"] = torch.zeros(4, 128)
+    state[f"{prefix}projector.net.1.running_mean"] = torch.zeros(4)
+    return state
+
+
+def test_reference_v1_keys_load_strictly() -> None:
+    state = _official_v1_state("_orig_mod.")
+    model, spec = load_model(_buffer({"model_state_dict": state, "epoch": 1}))
+    assert spec == ModelSpec.preset("v1") and model.projector is None and not model.training
+    got = inference_state_dict(model)
+    assert len(got) == len(state) - 2
+    for k, v in got.items():
+        assert torch.equal(v, state[f"_orig_mod.{k}"]), k
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ("drop", "s1_backbone.attn_pool.temporal_context.gru_cell.b_z"),
+        ("rename", "s2_backbone.transformer_encoder.layers.3.linear1.weight"),
+        ("reshape", "dim_reducer.0.weight expected (128, 1024) got (128, 1023)"),
+    ],
+)
+def test_reference_v1_mismatch_names_the_key(edit: str, named: str) -> None:
+    state = _official_v1_state()
+    if edit == "drop":
+        del state["s1_backbone.attn_pool.temporal_context.gru_cell.b_z"]
+    elif edit == "rename":
+        w = state.pop("s2_backbone.transformer_encoder.layers.3.linear1.weight")
+        state["s2_backbone.transformer_encoder.layers.3.linear_1.weight"] = w
+    else:
+        state["dim_reducer.0.weight"] = torch.zeros(128, 1023)
+    with pytest.raises(StateDictMismatchError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        load_model(_buffer({"model_state": state}))
+
+
+def test_our_checkpoint_carries_spec_and_format_version() -> None:
+    obj = build_checkpoint(_small_model())
+    assert obj["format_version"] == 1 and obj["model_spec"] == ModelSpec.preset("small").model_dump()
+    with pytest.raises(CheckpointError, match="format_version 1. Got 2"):
+        load_model(_buffer({**obj, "format_version": 2}))

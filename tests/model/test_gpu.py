@@ -45,3 +45,15 @@ def test_cuda_amp_training_step(
     settings = TrainSettings(steps=3, batch_size=32, lr=1e-2, device="cuda", amp=True)
     result = fit(tiny_spec, training_arrays_factory(), settings, str(tmp_path / "ck.pt"))
     assert np.isfinite(result.losses).all() and result.steps == 3
+
+
+def test_cuda_compile_auto_batch_matches_eager(tile_pixels: object) -> None:
+    p = tile_pixels
+    torch.manual_seed(0)
+    model = TesseraModel(ModelSpec.preset("small"), with_projector=False)
+    args = (p.s2, p.s2_valid, p.s2_doy, p.s1, p.s1_valid, p.s1_doy, p.s1_keys, p.pixel_ids)  # type: ignore[attr-defined]
+    eager = embed_pixels(model, *args, seed=1, batch_size=0, device="cuda")
+    compiled = embed_pixels(model, *args, seed=1, batch_size=16, device="cuda", compile=True)
+    ok = np.isfinite(eager[:, 0])
+    np.testing.assert_array_equal(np.isfinite(compiled[:, 0]), ok)
+    np.testing.assert_allclose(compiled[ok], eager[ok], atol=0.05, rtol=0.05)

@@ -58,3 +58,36 @@ def test_bad_shape_raises(model: TesseraModel, tile_pixels: TilePixels) -> None:
     with pytest.raises(InputShapeError, match="s1_keys"):
         embed_pixels(model, p.s2, p.s2_valid, p.s2_doy, p.s1, p.s1_valid, p.s1_doy,
                      p.s1_keys[:-1], p.pixel_ids, seed=0, batch_size=8, device="cpu")  # fmt: skip
+
+
+def test_auto_batch_and_prefetch_are_bit_identical(
+    model: TesseraModel, tile_pixels: TilePixels
+) -> None:
+    ref = _embed(model, tile_pixels, slice(None), 7)
+    np.testing.assert_array_equal(_embed(model, tile_pixels, slice(None), 0), ref)
+    p = tile_pixels
+    threaded = embed_pixels(
+        model, p.s2, p.s2_valid, p.s2_doy, p.s1, p.s1_valid, p.s1_doy, p.s1_keys, p.pixel_ids,
+        seed=5, batch_size=3, device="cpu", prefetch=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(threaded, ref)
+    with pytest.raises(ValueError, match="batch_size >= 0"):
+        _embed(model, tile_pixels, slice(None), -1)
+
+
+def test_auto_batch_size_follows_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera_model import infer
+
+    v1, small = ModelSpec.preset("v1"), ModelSpec.preset("small")
+    assert infer.activation_bytes_per_pixel(v1) == 2 * 40 * (4096 + 8 * 512 + 4 * 40) * 4
+    cpu_v1, cpu_small = infer.auto_batch_size(v1, "cpu"), infer.auto_batch_size(small, "cpu")
+    assert cpu_v1 == 256 and cpu_small == 2048  # 1 GiB budget, rounded down to powers of 2
+    # CUDA: a fraction of the free memory (mem_get_info faked: no GPU needed)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (8 << 30, 80 << 30))
+    got = infer.auto_batch_size(v1, torch.device("cuda"))
+    per_px = infer.activation_bytes_per_pixel(v1)
+    assert got <= infer.CUDA_FREE_FRACTION * (8 << 30) / per_px < 2 * got
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (120 << 30, 140 << 30))
+    assert infer.auto_batch_size(v1, torch.device("cuda")) == infer.AUTO_BATCH_MAX
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (1 << 20, 80 << 30))
+    assert infer.auto_batch_size(v1, torch.device("cuda")) == infer.AUTO_BATCH_MIN

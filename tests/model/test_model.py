@@ -7,12 +7,11 @@ import torch
 
 from tessera_model import InputShapeError, ModelSpec, TesseraModel, inference_state_dict
 
-KEYS_TSV = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "tessera-v1-keys.tsv"
-)
+KEYS_TSV = Path(__file__).resolve().parent / "data" / "tessera-v1-keys.tsv"
+"""Copy of ``shared/reference/tessera-v1-keys.tsv`` (the official v1.0 inference keys)."""
 
 
-def _read_tsv() -> list[tuple[str, tuple[int, ...], str]]:
+def read_reference_keys() -> list[tuple[str, tuple[int, ...], str]]:
     rows = []
     for line in KEYS_TSV.read_text().splitlines():
         if not line.strip() or line.startswith("#"):
@@ -23,12 +22,11 @@ def _read_tsv() -> list[tuple[str, tuple[int, ...], str]]:
     return rows
 
 
-@pytest.mark.skipif(not KEYS_TSV.exists(), reason="reference key list not available")
 def test_v1_inference_state_dict_matches_reference() -> None:
     model = TesseraModel(ModelSpec.preset("v1"), with_projector=False)
     sd = inference_state_dict(model)
     got = [(k, tuple(v.shape), str(v.dtype)) for k, v in sd.items()]
-    assert got == _read_tsv()
+    assert got == read_reference_keys()
     assert sum(v.numel() for v in sd.values()) == 45_828_226
 
 

@@ -1,0 +1,152 @@
+"""Training stage: sharded, globally shuffled training set; streamed fit; torchrun launch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tasks.acquire import acquire
+from tasks.config import (
+    DPixelConfig,
+    MaskConfig,
+    ModelConfig,
+    SourceConfig,
+    StorageConfig,
+    TrainingConfig,
+)
+from tasks.dpixels import extract_dpixels
+from tasks.grid import Tile
+from tasks.mask import cloud_mask
+from tasks.refs import DPixelRef
+from tasks.train import (
+    TRAINSET_FORMAT,
+    ZarrShards,
+    build_training_set,
+    load_training_set,
+    train_model,
+)
+from tessera_model import load_model
+
+from .fakes import FakeSource
+
+TILES = [
+    Tile(zone=31, south=False, x0=296960 + i * 2560, y0=5788160, size_px=256) for i in range(3)
+]
+CFG = TrainingConfig(steps=3, batch_size=16, pixels_per_tile=100, min_valid_s2=1,
+                     shard_pixels=64, checkpoint_every=2, device="cpu")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> object:
+    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dpixels(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[DPixelRef], StorageConfig]:
+    """Three tiles whose S2 values are offset by 2000 x tile index (so a pixel names its tile)."""
+    root = tmp_path_factory.mktemp("train")
+    storage = StorageConfig(output_uri=str(root / "out"), work_uri=str(root / "work"))
+    refs = []
+    for i, tile in enumerate(TILES):
+        scenes = acquire(tile, 2022, SourceConfig(), storage, scene_source=FakeSource())
+        mask = cloud_mask(scenes, MaskConfig(dilation_px=0), storage)
+        dp = extract_dpixels(scenes, mask, DPixelConfig(chunk_px=128), storage)
+        g = zarr.open_group(dp.uri, mode="r+")
+        g["bands"][:] = g["bands"][:] + np.uint16(2000 * i)
+        refs.append(dp)
+    return refs, storage
+
+
+def _tile_of(s2: np.ndarray) -> np.ndarray:
+    return s2[:, 0, 0] // 2000  # band 0 of the first step: 100*0 + t + 1 + 2000*tile
+
+
+def test_sharded_globally_shuffled(dpixels: tuple[list[DPixelRef], StorageConfig]) -> None:
+    refs, storage = dpixels
+    ts = build_training_set(refs, CFG, seed=4, storage=storage)
+    assert (ts.n_pixels, ts.n_tiles) == (300, 3)
+    root = zarr.open_group(ts.uri, mode="r")
+    assert root.attrs["format"] == TRAINSET_FORMAT and "staging" not in root
+    shards = ZarrShards(ts, storage)
+    sizes = shards.shard_sizes
+    assert len(sizes) == 5 and sum(sizes) == 300  # ceil(3 * 100 / 64) buckets
+    tiles = [_tile_of(shards.read_shard(i).s2) for i in range(len(sizes))]
+    for t in tiles:
+        assert set(t.tolist()) == {0, 1, 2}  # every shard mixes every tile
+        assert (np.diff(t) != 0).sum() > len(t) // 3  # ... in shuffled order, not tile blocks
+    assert np.bincount(np.concatenate(tiles)).tolist() == [100, 100, 100]
+    data = load_training_set(ts, storage)
+    assert data.n_pixels == 300 and data.usable().all()
+    assert build_training_set(refs, CFG, seed=4, storage=storage) == ts  # done: skipped
+    other = build_training_set(refs, CFG, seed=5, storage=storage)
+    assert other.key != ts.key
+    assert not np.array_equal(load_training_set(other, storage).s2, data.s2)
+
+
+def test_train_model_streams_and_resumes(
+    dpixels: tuple[list[DPixelRef], StorageConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refs, storage = dpixels
+    ts = build_training_set(refs, CFG, seed=4, storage=storage)
+    reads: list[int] = []
+    original = ZarrShards.read_shard
+    monkeypatch.setattr(
+        ZarrShards, "read_shard", lambda self, i: reads.append(i) or original(self, i)
+    )
+    ck = train_model(ts, ModelConfig(preset="small"), CFG, seed=1, storage=storage)
+    assert ck.final_loss is not None and np.isfinite(ck.final_loss)
+    assert 1 <= len(reads) <= 3  # 3 steps x 16 pixels touch only the first shards of the epoch
+    model, spec = load_model(ck.uri, inference_only=False)
+    assert spec.version == "small-0.1" and model.projector is not None
+    assert Path(ck.uri).exists() and not (Path(ck.uri).parent / "running.pt").exists()
+    assert train_model(ts, ModelConfig(preset="small"), CFG, seed=1, storage=storage) == ck
+
+
+def test_old_unsharded_layout_is_refused(tmp_path: Path) -> None:
+    from tasks.refs import TrainingSetRef
+
+    storage = StorageConfig(output_uri=str(tmp_path / "o"), work_uri=str(tmp_path / "w"))
+    uri = str(tmp_path / "w" / "old.zarr")
+    zarr.open_group(uri, mode="w").create_array("s2", data=np.zeros((2, 1, 10), np.uint16))
+    with pytest.raises(ValueError, match=TRAINSET_FORMAT):
+        ZarrShards(TrainingSetRef(uri=uri, key="k", n_pixels=2, n_tiles=1), storage)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(
+    dpixels: tuple[list[DPixelRef], StorageConfig], tmp_path: Path
+) -> None:
+    refs, storage = dpixels
+    ts = build_training_set(refs, CFG, seed=4, storage=storage)
+    cfg = CFG.model_copy(update={"steps": 2})
+    one = train_model(ts, ModelConfig(preset="small"), cfg, 2, storage)
+    # another work root (the key ignores the process count: either run is the same product)
+    other = storage.model_copy(update={"work_uri": str(tmp_path / "work2")})
+    two = train_model(ts, ModelConfig(preset="small"), cfg.model_copy(update={"processes": 2}),
+                      2, other)  # fmt: skip
+    assert two.key == one.key and two.uri != one.uri
+    a = torch.load(one.uri, weights_only=True)
+    b = torch.load(two.uri, weights_only=True)
+    assert b["world_size"] == 2 and a["world_size"] == 1 and b["step"] == 2
+    # the small preset has dropout 0.1 and rank 1 draws other masks: close, not equal
+    np.testing.assert_allclose(b["losses"], a["losses"], rtol=0.1)
+
+
+def test_torchrun_needs_shared_work_store(dpixels: tuple[list[DPixelRef], StorageConfig]) -> None:
+    from tasks.refs import TrainingSetRef
+    from tasks.train import run_torchrun
+
+    mem = StorageConfig(output_uri="memory://o", work_uri="memory://w")
+    ts = TrainingSetRef(uri="memory://w/t.zarr", key="k", n_pixels=1, n_tiles=1)
+    with pytest.raises(ValueError, match="shared between processes"):
+        run_torchrun(ts, ModelConfig(), CFG.model_copy(update={"processes": 2}), 0, mem, "x.pt")
+    with pytest.raises(ValueError, match="divisible by training.processes=3"):
+        TrainingConfig(batch_size=16, processes=3)
