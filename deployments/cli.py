@@ -19,6 +19,7 @@ EPILOG = """examples:
   tessera config --demo > build.yaml         write a starting config
   tessera server                             start a local Prefect server + UI and serve the deployments
   tessera serve                              serve the deployments to the Prefect API in PREFECT_API_URL
+  tessera shub-endpoint --port 8765          a local Sentinel Hub endpoint serving the synthetic Earth
 """
 
 
@@ -61,10 +62,13 @@ def _load(a: argparse.Namespace, demo: bool = False):  # noqa: ANN202
 
 
 def _run_build(cfg) -> int:  # noqa: ANN001
-    from flows.build import build_region, preflight
+    from deployments.progress import BuildProgress
+    from flows.build import build_region, plan, preflight
+    from tasks.storage import normalise
 
     cfg = preflight(cfg)
-    result = build_region(config=cfg)
+    with BuildProgress(normalise(cfg.storage.work_uri), [t.id for t in plan(cfg)]):
+        result = build_region(config=cfg)
     print()
     print(f"Published {result.n_valid_pixels} pixels of {len(result.tiles)} tile(s) in {result.seconds:.0f} s.")
     print(f"Store: {result.store_uri}  groups: {', '.join(result.groups)}")
@@ -95,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=4200)
     p.add_argument("--gpu-limit", type=int, default=1, help="Concurrent training runs.")
     p.add_argument("--build-limit", type=int, default=2, help="Concurrent builds in backfills.")
+    p = sub.add_parser("shub-endpoint", help="Serve a local Sentinel Hub endpoint (the synthetic "
+                       "Earth) on loopback; credentials from SH_CLIENT_ID/SH_CLIENT_SECRET.")
+    p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "localhost", "::1"))
+    p.add_argument("--port", type=int, default=8765, help="TCP port (0 = any free port).")
+    p.add_argument("--seed", type=int, default=0, help="Synthetic world seed.")
+    p.add_argument("--months", type=int, nargs="*", help="Serve only acquisitions in these months.")
+    p.add_argument("--fault-rate", type=float, default=0.0,
+                   help="Chance of a transient fault (429, 5xx, slow, truncated, corrupt, expired token).")
+    p.add_argument("--permanent", choices=("401", "400"), help="Reject every token (401) or request (400).")
     p = sub.add_parser("export-dpixels", help="Export a tile's d-pixel group to reference npy folders.")
     p.add_argument("group_uri")
     p.add_argument("dest")
@@ -152,6 +165,8 @@ def _dispatch(a: argparse.Namespace) -> int:
             proc.terminate()
             proc.wait(timeout=30)
         return 0
+    if a.cmd == "shub-endpoint":
+        return _shub_endpoint(a)
     if a.cmd == "export-dpixels":
         from tasks.config import StorageConfig
         from tasks.dpixel_folder import export_dpixel_folders
@@ -166,6 +181,34 @@ def _dispatch(a: argparse.Namespace) -> int:
         print(import_dpixel_folder(a.folder, a.group_uri, StorageConfig()))
         return 0
     raise AssertionError(a.cmd)  # pragma: no cover
+
+
+def _shub_endpoint(a: argparse.Namespace) -> int:
+    import os
+
+    from pydantic import ValidationError
+
+    from tasks.config import config_error_from
+    from tasks.sources.shub_endpoint import EndpointConfig, FaultConfig, LocalEndpoint
+
+    try:
+        cfg = EndpointConfig(
+            host=a.host, port=a.port, world={"seed": a.seed}, months=a.months or None,
+            client_id=os.environ.get("SH_CLIENT_ID", "local-client"),
+            client_secret=os.environ.get("SH_CLIENT_SECRET", "local-secret"),
+            faults=FaultConfig(rate=a.fault_rate, permanent=a.permanent),
+        )
+    except ValidationError as exc:
+        raise config_error_from(exc) from None
+    ep = LocalEndpoint(cfg).start()
+    secret = "from $SH_CLIENT_SECRET" if "SH_CLIENT_SECRET" in os.environ else "'local-secret' (default)"
+    print(f"Local Sentinel Hub endpoint at {ep.url} (token URL {ep.url}/oauth/token)")
+    print(f"client id {cfg.client_id!r}, secret {secret}. Build against it with:")
+    print(f"  tessera demo --set source.kind=sentinelhub --set source.sentinelhub.preset=custom "
+          f"--set source.sentinelhub.base_url={ep.url}")
+    print("Ctrl-C stops it.", flush=True)
+    ep.serve_forever()
+    return 0
 
 
 if __name__ == "__main__":

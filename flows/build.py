@@ -157,6 +157,10 @@ def build_stages(config: BuildConfig) -> BuildResult:
         update_progress_artifact(progress, progress=100.0 * done_steps / n_steps)
         return out
 
+    if cfg.source.kind == "sentinelhub":  # processing units, before any Process request
+        pu = pt.estimate_pu_task(tiles, cfg.year, cfg.source.sentinelhub, st)
+        create_markdown_artifact(markdown=pu.markdown(), key="sentinelhub-processing-units",
+                                 description="Sentinel Hub processing-unit estimate")
     scene_f = [opt(pt.acquire_task).submit(t, cfg.year, cfg.source, st) for t in tiles]
     mask_f = [opt(pt.mask_task).submit(s, cfg.mask, st) for s in scene_f]
     dp_f = [opt(pt.dpixels_task).submit(s, m, cfg.dpixels, st) for s, m in zip(scene_f, mask_f, strict=True)]

@@ -9,6 +9,8 @@ memory is bounded by that block of dates, not by the year.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import zarr
 
@@ -27,18 +29,32 @@ from tasks.storage import (
     zarr_store,
 )
 
-CODE = ("tasks.acquire", "tasks.sources", "tasks.grid")
+CODE = (
+    "tasks.acquire", "tasks.grid", "tasks.sources.base", "tasks.sources.synthetic",
+    "tasks.sources._noise", "tasks.sources.sentinelhub", "tasks.sources._sh_config",
+    "tasks.sources._sh_requests",
+)
 """Modules whose source is part of this stage's cache key."""
 ORBITS: tuple[Orbit, ...] = ("ascending", "descending")
 DATES_PER_BLOCK = 8
 
 
-def make_source(cfg: SourceConfig) -> SceneSource:
-    """The scene source named by the config."""
+def make_source(cfg: SourceConfig, storage: StorageConfig | None = None) -> SceneSource:
+    """The scene source named by the config.
+
+    For 'sentinelhub', credentials are resolved here (from the env variables or Prefect
+    Secret block the config names) and responses are cached under ``{work}/sh-responses``
+    when ``storage`` is given.
+    """
     if cfg.kind == "synthetic":
         from tasks.sources.synthetic import SyntheticSource
 
         return SyntheticSource(cfg.synthetic)
+    if cfg.kind == "sentinelhub":
+        from tasks.sources.sentinelhub import make_sentinelhub_source, response_cache_uri
+
+        cache = response_cache_uri(storage.work_uri) if storage else None
+        return make_sentinelhub_source(cfg.sentinelhub, cache, storage)
     raise ValueError(f"Expected a known source kind. Got {cfg.kind!r}.")  # pragma: no cover
 
 
@@ -71,7 +87,10 @@ def acquire(tile: Tile, year: int, source: SourceConfig, storage: StorageConfig,
     if (done := is_done(uri, storage)) is not None:
         return SceneRef.model_validate(done)
     remove(uri, storage)
-    src = scene_source or make_source(source)
+    t0 = time.perf_counter()
+    src = scene_source or make_source(source, storage)
+    if (prefetch := getattr(src, "prefetch", None)) is not None:
+        prefetch(tile, year)  # download everything first: a failure leaves no partial scenes
     root = zarr.open_group(zarr_store(uri, storage), mode="w")
     h, w = tile.height, tile.width
     block = min(SHARD_PX, h)
@@ -105,6 +124,7 @@ def acquire(tile: Tile, year: int, source: SourceConfig, storage: StorageConfig,
     root.attrs.update({"tile_id": tile.id, "year": year, "source": src.name, "crs": tile.crs,
                        "transform": list(tile.transform), "s2_bands": list(S2_BANDS)})
     ref = SceneRef(uri=uri, key=key, tile=tile, year=year, n_s2=t,
-                   n_s1_ascending=counts["ascending"], n_s1_descending=counts["descending"])
+                   n_s1_ascending=counts["ascending"], n_s1_descending=counts["descending"],
+                   seconds=round(time.perf_counter() - t0, 3))
     mark_done(uri, storage, ref)
     return ref

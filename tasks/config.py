@@ -15,13 +15,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
 from tasks.errors import ConfigError
 from tasks.grid import SHARD_PX, region_area_km2
+from tasks.sources._sh_config import SentinelHubConfig
 from tasks.sources.synthetic import SyntheticWorldConfig
 
 FIRST_YEAR = 2017
@@ -154,6 +163,31 @@ class StorageConfig(_Model):
         description="S3 endpoint URL for s3:// URIs (e.g. a MinIO or loopback server).",
     )
     s3_region: str | None = Field(default=None, description="S3 region name for s3:// URIs.")
+    s3_access_key_id: SecretStr | None = Field(
+        default=None,
+        description="S3 access key id. None: botocore's chain (AWS_* environment variables, "
+        "profile, instance role). Flows fill it from the Prefect block in s3_credentials_block.",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key (never logged)."
+    )
+    s3_session_token: SecretStr | None = Field(
+        default=None, description="S3 session token for temporary credentials (never logged)."
+    )
+    s3_credentials_block: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Name of a Prefect block (prefect-aws AwsCredentials, or a Secret block "
+        "holding JSON with access_key_id/secret_access_key) that the flow loads into the "
+        "s3_* secret fields; only this name appears in flow parameters.",
+    )
+    s3_max_attempts: int = Field(
+        default=6,
+        ge=1,
+        le=20,
+        description="Attempts per S3 request on transient errors (throttling, 5xx, "
+        "connection resets), with botocore's exponential back-off.",
+    )
 
     @field_validator("output_uri", "work_uri")
     @classmethod
@@ -167,12 +201,18 @@ class StorageConfig(_Model):
 class SourceConfig(_Model):
     """Where scenes come from."""
 
-    kind: Literal["synthetic"] = Field(
+    kind: Literal["synthetic", "sentinelhub"] = Field(
         default="synthetic",
-        description="Scene source: 'synthetic' (the built-in synthetic Earth).",
+        description="Scene source: 'synthetic' (the built-in synthetic Earth) or "
+        "'sentinelhub' (Sentinel Hub / CDSE / a compatible endpoint, see 'sentinelhub').",
     )
     synthetic: SyntheticWorldConfig = Field(
         default_factory=SyntheticWorldConfig, description="Synthetic Earth parameters."
+    )
+    sentinelhub: SentinelHubConfig = Field(
+        default_factory=SentinelHubConfig,
+        description="Sentinel Hub endpoint, credentials (named, never stored), S1 processing, "
+        "concurrency and processing-unit budget; used when kind is 'sentinelhub'.",
     )
 
 
@@ -255,6 +295,20 @@ class TrainingConfig(_Model):
     checkpoint_every: int = Field(
         default=100, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps."
     )
+    shard_pixels: int = Field(
+        default=65_536,
+        ge=64,
+        le=16_777_216,
+        description="Target pixels per shard of the globally shuffled training set; the "
+        "trainer holds at most two shards in memory.",
+    )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Data-parallel training processes on this machine (torchrun, one per GPU; "
+        "gloo on CPU). batch_size is the global batch and must divide evenly.",
+    )
     device: Device = Field(default="auto", description="Training device.")
 
     @model_validator(mode="after")
@@ -264,13 +318,28 @@ class TrainingConfig(_Model):
                 "Expected checkpoint_uri when training is disabled. Got none: set "
                 "training.checkpoint_uri or training.enabled=true."
             )
+        if self.batch_size % self.processes:
+            raise ValueError(
+                f"Expected training.batch_size divisible by training.processes="
+                f"{self.processes}. Got {self.batch_size}."
+            )
         return self
 
 
 class EmbeddingConfig(_Model):
     """Embedding generation with the frozen encoder."""
 
-    batch_size: int = Field(default=4096, ge=1, le=1_048_576, description="Pixels per batch.")
+    batch_size: int = Field(
+        default=0,
+        ge=0,
+        le=1_048_576,
+        description="Pixels per forward pass; 0 = automatic from free device memory.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the encoder (CUDA: faster after a one-off compile of "
+        "about a minute per process).",
+    )
     min_valid_s2: int = Field(
         default=4, ge=1, le=366, description="Pixels with fewer valid S2 steps are no-data."
     )
@@ -288,6 +357,20 @@ class PublishConfig(_Model):
         default="tessera-factory-0.1",
         max_length=64,
         description="Recorded as tessera:build_version in each zone group.",
+    )
+    lease_ttl_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Age after which a writer lease of a zone group is taken as a crashed "
+        "writer's and ignored (seconds); live writers renew theirs between blocks. Keep it "
+        "below lease_timeout_s so a retry outlasts a killed writer's lease.",
+    )
+    lease_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        le=86400,
+        description="How long a writer waits for a conflicting lease before failing (seconds).",
     )
 
 

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
 from tasks import acquire, catalog, dpixels, embed, mask, preview, publish, train
 from tasks.config import StorageConfig
+from tasks.sources.sentinelhub import estimate_acquisition, should_retry
 from tasks.storage import code_version, content_key, join, normalise, storage_options
 
 RETRY_DELAYS = [2, 10, 30]
@@ -37,6 +39,7 @@ TASK_CODE: dict[str, tuple[str, ...]] = {
     "prepare-stores": ("tasks.publish",),
     "publish": ("tasks.publish", "tessera_model.quantise"),
     "finalise-stores": ("tasks.publish",),
+    "estimate-processing-units": acquire.CODE,
     "update-catalog": ("tasks.catalog", "tasks.publish"),
     "preview": ("tasks.preview", "tasks.publish"),
 }
@@ -67,9 +70,19 @@ def result_storage_for(storage: StorageConfig) -> Path | WritableFileSystem:
 _common: dict[str, Any] = {"cache_key_fn": stage_cache_key, "persist_result": True}
 
 
-@task(name="acquire", retries=3, retry_delay_seconds=RETRY_DELAYS, task_run_name="acquire-{tile}", **_common)
+@task(name="acquire", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=should_retry,
+      task_run_name="acquire-{tile}", **_common)
 def acquire_task(tile, year, source, storage):  # noqa: ANN001, ANN201
+    """Retries transient faults; a permanent failure (credentials, rejected request, PU
+    budget) fails at once, without a retry storm."""
     return acquire.acquire(tile, year, source, storage)
+
+
+@task(name="estimate-processing-units", retries=3, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+def estimate_pu_task(tiles, year, cfg, storage):  # noqa: ANN001, ANN201
+    """Catalog-only PU estimate of a Sentinel Hub build; fails if it exceeds the budget."""
+    return estimate_acquisition(tiles, year, cfg, storage)
 
 
 @task(name="cloud-mask", retries=2, retry_delay_seconds=RETRY_DELAYS, task_run_name="mask-{scene.tile}", **_common)

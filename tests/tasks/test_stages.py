@@ -90,6 +90,6 @@ def test_rerun_is_skipped_and_partial_is_replaced(storage):
     Path(done_uri(a.uri)).unlink()
     zarr.open_group(a.uri, mode="r+")["s2_bands"][0] = 0
     c = acquire(TILE, 2022, SourceConfig(), storage, scene_source=src)
-    assert c == a
+    assert c.model_copy(update={"seconds": 0.0}) == a.model_copy(update={"seconds": 0.0})
     assert zarr.open_group(a.uri, mode="r")["s2_bands"][0, 0, 0, 0] == 1
     shutil.rmtree(a.uri)
