@@ -41,7 +41,8 @@ from .conftest import SH_CLIENT_ID, SH_CLIENT_SECRET
 
 TILE = Tile(zone=31, south=False, x0=302080, y0=5785600, size_px=256)
 YEAR = 2024
-REAL_TAR = Path("/work/shared/data/real/sentinelhub-process-response.tar")
+REAL_TAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / "sentinelhub-process-response.tar"
+"""A real Process API response (shared/ beside the repository root)."""
 GOOD = SentinelHubCredentials(SH_CLIENT_ID, SecretStr(SH_CLIENT_SECRET))
 
 
