@@ -14,7 +14,6 @@ from tasks.config import (
     EmbeddingConfig,
     MaskConfig,
     ModelConfig,
-    RegionConfig,
     SourceConfig,
     StorageConfig,
 )
