@@ -395,18 +395,7 @@ def _create_zone(
         ("band", np.arange(n_bands, dtype=np.int32), {"long_name": "embedding dimension"}),
     ]
     for name, values, attrs in coords:
-        arr = group.create_array(
-            name,
-            shape=values.shape,
-            dtype=values.dtype,
-            chunks=values.shape,
-            compressors=None,
-            filters=None,
-            fill_value=0,
-            dimension_names=[name],
-            attributes=attrs,
-        )
-        arr[:] = values
+        _put_coord(group, name, values, attrs)
     group.create_array(
         "spatial_ref",
         shape=(),
@@ -585,6 +574,23 @@ def _shard_keys(fs: Any, array_path: str) -> list[tuple[str, tuple[int, ...]]]:
     return sorted(out, key=lambda kv: kv[1])
 
 
+def _put_coord(group: zarr.Group, name: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
+    """Write one 1-D coordinate array: uncompressed, unsharded, one chunk (the convention)."""
+    arr = group.create_array(
+        name,
+        shape=values.shape,
+        dtype=values.dtype,
+        chunks=values.shape,
+        compressors=None,
+        filters=None,
+        fill_value=0,
+        dimension_names=[name],
+        attributes=attrs,
+        overwrite=True,
+    )
+    arr[:] = values
+
+
 def _write_coords(group: zarr.Group, ext: ZoneExtent) -> None:
     """(Re)write ``easting``/``northing`` for a grid and the ``spatial_ref`` transform."""
     coords = (
@@ -600,19 +606,7 @@ def _write_coords(group: zarr.Group, ext: ZoneExtent) -> None:
         ),
     )
     for name, values, attrs in coords:
-        arr = group.create_array(
-            name,
-            shape=values.shape,
-            dtype=values.dtype,
-            chunks=values.shape,
-            compressors=None,
-            filters=None,
-            fill_value=0,
-            dimension_names=[name],
-            attributes=attrs,
-            overwrite=True,
-        )
-        arr[:] = values
+        _put_coord(group, name, values, attrs)
     sref = group["spatial_ref"]
     sref.attrs.update(_grid_mapping_attrs(ext))
 
