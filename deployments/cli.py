@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=4200)
     p.add_argument("--gpu-limit", type=int, default=1, help="Concurrent training runs.")
     p.add_argument("--build-limit", type=int, default=2, help="Concurrent builds in backfills.")
+    p.add_argument("--sentinelhub-limit", type=int, default=2,
+                   help="Tiles acquired from Sentinel Hub at once, across all builds.")
     p = sub.add_parser("shub-endpoint", help="Serve a local Sentinel Hub endpoint (the synthetic "
                        "Earth) on loopback; credentials from SH_CLIENT_ID/SH_CLIENT_SECRET.")
     p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "localhost", "::1"))
@@ -159,7 +161,7 @@ def _dispatch(a: argparse.Namespace) -> int:
         try:
             from deployments.serve import serve_all
 
-            ensure_limits(gpu=a.gpu_limit, builds=a.build_limit)
+            ensure_limits(gpu=a.gpu_limit, builds=a.build_limit, sentinelhub=a.sentinelhub_limit)
             serve_all()
         finally:
             proc.terminate()

@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 from flows.ops import BUILD_LIMIT
-from tasks.prefect_tasks import GPU_LIMIT
+from tasks.prefect_tasks import GPU_LIMIT, SH_LIMIT
 
 
 def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 90.0) -> subprocess.Popen:
@@ -34,8 +34,8 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 90.
     raise TimeoutError(f"Expected the Prefect API at {url} within {timeout:.0f} s. Got no answer.")
 
 
-def ensure_limits(gpu: int = 1, builds: int = 2) -> None:
-    """Create (or update) the ``gpu`` and ``tessera-builds`` global concurrency limits."""
+def ensure_limits(gpu: int = 1, builds: int = 2, sentinelhub: int = 2) -> None:
+    """Create (or update) the ``gpu``, ``tessera-builds`` and ``sentinelhub`` limits."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import (
         GlobalConcurrencyLimitCreate,
@@ -44,7 +44,7 @@ def ensure_limits(gpu: int = 1, builds: int = 2) -> None:
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        for name, limit in ((GPU_LIMIT, gpu), (BUILD_LIMIT, builds)):
+        for name, limit in ((GPU_LIMIT, gpu), (BUILD_LIMIT, builds), (SH_LIMIT, sentinelhub)):
             try:
                 client.read_global_concurrency_limit_by_name(name)
                 client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))

@@ -25,6 +25,8 @@ from tasks.storage import code_version, content_key, join, normalise, storage_op
 
 RETRY_DELAYS = [2, 10, 30]
 GPU_LIMIT = "gpu"
+SH_LIMIT = "sentinelhub"
+"""Global concurrency limit on tiles acquired from Sentinel Hub at once (its rate limit)."""
 """Global concurrency limit guarding training (create it with ``prefect gcl create gpu --limit N``)."""
 
 
@@ -74,7 +76,12 @@ _common: dict[str, Any] = {"cache_key_fn": stage_cache_key, "persist_result": Tr
       task_run_name="acquire-{tile}", **_common)
 def acquire_task(tile, year, source, storage):  # noqa: ANN001, ANN201
     """Retries transient faults; a permanent failure (credentials, rejected request, PU
-    budget) fails at once, without a retry storm."""
+    budget) fails at once, without a retry storm. Sentinel Hub acquisitions hold a slot of
+    the ``sentinelhub`` limit, which bounds concurrent tiles across every build and backfill
+    (each tile then uses ``source.sentinelhub.max_threads`` requests at a time)."""
+    if source.kind == "sentinelhub":
+        with concurrency(SH_LIMIT, occupy=1, strict=False):
+            return acquire.acquire(tile, year, source, storage)
     return acquire.acquire(tile, year, source, storage)
 
 

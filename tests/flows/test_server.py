@@ -89,7 +89,7 @@ def test_deployments_and_cron(server):
         assert crons == [ANNUAL_CRON]
         assert deps["build-region"].enforce_parameter_schema
         limits = {g.name: g.limit for g in client.read_global_concurrency_limits()}
-        assert limits["gpu"] == 1 and limits["tessera-builds"] == 2
+        assert limits["gpu"] == 1 and limits["tessera-builds"] == 2 and limits["sentinelhub"] == 2
 
 
 def test_ui_triggered_run_publishes(server, tmp_path):
