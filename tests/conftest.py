@@ -21,3 +21,21 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A fixed, tiny model (fast to run), so builds with training off compare byte for byte.
+
+    The checkpoint carries its own spec, so a build embeds with it whatever the preset.
+    """
+    import torch
+
+    from tessera_model import ModelSpec, TesseraModel, build_checkpoint, save_checkpoint
+
+    torch.manual_seed(1)
+    spec = ModelSpec(version="tiny-test", latent_dim=128, d_model=16, n_layers=1, n_heads=2,
+                     ffn_dim=32, dropout=0.0, projector_dim=32, projector_layers=1, sample_steps=8)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(build_checkpoint(TesseraModel(spec)), path)
+    return str(path)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 import zarr
 
@@ -25,19 +24,8 @@ TWO_TILES = [0.115, 52.190, 0.135, 52.196]   # spans two tiles
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A fixed, tiny model (fast to run), so builds with training off compare byte for byte.
-
-    The checkpoint carries its own spec, so the build embeds with it whatever the preset.
-    """
-    from tessera_model import ModelSpec, TesseraModel, build_checkpoint, save_checkpoint
-
-    torch.manual_seed(1)
-    spec = ModelSpec(version="tiny-test", latent_dim=128, d_model=16, n_layers=1, n_heads=2,
-                     ffn_dim=32, dropout=0.0, projector_dim=32, projector_layers=1, sample_steps=8)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(build_checkpoint(TesseraModel(spec)), path)
-    return str(path)
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 def _cfg(root: Path, checkpoint: str, bbox, year=2023, name="r", **extra):
