@@ -19,11 +19,11 @@ from prefect.artifacts import (
 )
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 
 from tasks import prefect_tasks as pt
 from tasks.config import BuildConfig, RunnerConfig, validate_build_config
-from tasks.errors import ConfigError
+from tasks.credentials import s3_credentials
 from tasks.grid import Tile, plan_tiles
 from tasks.preview import preview_markdown
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
@@ -41,32 +41,12 @@ class BuildResult(BaseModel):
     seconds: float
 
 
-def with_block_credentials(cfg: BuildConfig) -> BuildConfig:
-    """Fill the S3 secret fields from the Prefect Secret block the config names, if any."""
-    name = cfg.storage.s3_credentials_block
-    if not name:
-        return cfg
-    from prefect.blocks.system import Secret
-
-    try:
-        c = Secret.load(name).get()
-    except Exception as exc:  # never echo the block's content
-        raise ConfigError("storage.s3_credentials_block",
-                          f"cannot load Prefect Secret block {name!r} ({type(exc).__name__})") from None
-    if not isinstance(c, dict) or not {"access_key_id", "secret_access_key"} <= set(c):
-        raise ConfigError("storage.s3_credentials_block",
-                          f"expected JSON with access_key_id and secret_access_key in block {name!r}")
-    st = cfg.storage.model_copy(update={
-        "s3_access_key_id": SecretStr(c["access_key_id"]),
-        "s3_secret_access_key": SecretStr(c["secret_access_key"]),
-        "s3_session_token": SecretStr(c["session_token"]) if c.get("session_token") else None,
-    })
-    return cfg.model_copy(update={"storage": st})
-
-
 def preflight(config: BuildConfig | dict[str, Any]) -> BuildConfig:
-    """Validate a config, load credentials, check storage is writable, before any work."""
-    cfg = with_block_credentials(validate_build_config(config))
+    """Validate a config, check its credentials resolve and storage is writable, before any
+    work. Credentials are only checked here; each process resolves its own when it needs
+    them (:mod:`tasks.credentials`), so none travels in a parameter or result."""
+    cfg = validate_build_config(config)
+    s3_credentials(cfg.storage.s3_credentials_block)
     check_writable(cfg.storage.output_uri, cfg.storage, "storage.output_uri")
     check_writable(cfg.storage.work_uri, cfg.storage, "storage.work_uri")
     if not cfg.training.enabled:

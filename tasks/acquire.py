@@ -20,12 +20,10 @@ from tasks.refs import SceneRef
 from tasks.sources.base import S1_BANDS, S2_BANDS, Orbit, SceneSource
 from tasks.storage import (
     code_version,
+    commit_stage,
     content_key,
-    is_done,
     join,
-    mark_done,
     normalise,
-    remove,
     zarr_store,
 )
 
@@ -84,9 +82,11 @@ def acquire(tile: Tile, year: int, source: SourceConfig, storage: StorageConfig,
             (tests inject fakes here).
     """
     uri, key = scenes_uri(tile, year, source, storage)
-    if (done := is_done(uri, storage)) is not None:
-        return SceneRef.model_validate(done)
-    remove(uri, storage)
+    return commit_stage(uri, storage, SceneRef,
+                        lambda: _write_scenes(tile, year, source, storage, uri, key, scene_source))
+
+def _write_scenes(tile: Tile, year: int, source: SourceConfig, storage: StorageConfig, uri: str,
+                  key: str, scene_source: SceneSource | None) -> SceneRef:
     t0 = time.perf_counter()
     src = scene_source or make_source(source, storage)
     if (prefetch := getattr(src, "prefetch", None)) is not None:
@@ -126,5 +126,4 @@ def acquire(tile: Tile, year: int, source: SourceConfig, storage: StorageConfig,
     ref = SceneRef(uri=uri, key=key, tile=tile, year=year, n_s2=t,
                    n_s1_ascending=counts["ascending"], n_s1_descending=counts["descending"],
                    seconds=round(time.perf_counter() - t0, 3))
-    mark_done(uri, storage, ref)
     return ref

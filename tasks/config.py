@@ -19,7 +19,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -163,23 +162,15 @@ class StorageConfig(_Model):
         description="S3 endpoint URL for s3:// URIs (e.g. a MinIO or loopback server).",
     )
     s3_region: str | None = Field(default=None, description="S3 region name for s3:// URIs.")
-    s3_access_key_id: SecretStr | None = Field(
-        default=None,
-        description="S3 access key id. None: botocore's chain (AWS_* environment variables, "
-        "profile, instance role). Flows fill it from the Prefect block in s3_credentials_block.",
-    )
-    s3_secret_access_key: SecretStr | None = Field(
-        default=None, description="S3 secret access key (never logged)."
-    )
-    s3_session_token: SecretStr | None = Field(
-        default=None, description="S3 session token for temporary credentials (never logged)."
-    )
     s3_credentials_block: str | None = Field(
         default=None,
-        max_length=128,
-        description="Name of a Prefect block (prefect-aws AwsCredentials, or a Secret block "
-        "holding JSON with access_key_id/secret_access_key) that the flow loads into the "
-        "s3_* secret fields; only this name appears in flow parameters.",
+        max_length=160,
+        pattern=r"^((secret|aws-credentials)/)?[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="S3 credentials from a Prefect block, resolved at run time by the process "
+        "that needs them: 'aws-credentials/NAME' (a prefect-aws AwsCredentials block) or "
+        "'secret/NAME' (a Secret block holding JSON with access_key_id and "
+        "secret_access_key). Unset: botocore's own chain (AWS_* environment variables, "
+        "profile, instance role). Configs never hold a secret.",
     )
     s3_max_attempts: int = Field(
         default=6,

@@ -36,12 +36,10 @@ from tasks.refs import DPixelRef, MaskRef, SceneRef
 from tasks.sources.base import S2_BANDS
 from tasks.storage import (
     code_version,
+    commit_stage,
     content_key,
-    is_done,
     join,
-    mark_done,
     normalise,
-    remove,
     zarr_store,
 )
 from tessera_model.constants import encode_s1
@@ -80,9 +78,11 @@ def extract_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: 
     Works block by block (256-px squares, every timestep), so memory is bounded by a block.
     """
     uri, key = dpixel_uri(scene, mask, cfg, storage)
-    if (done := is_done(uri, storage)) is not None:
-        return DPixelRef.model_validate(done)
-    remove(uri, storage)
+    return commit_stage(uri, storage, DPixelRef,
+                        lambda: _write_dpixels(scene, mask, cfg, storage, uri, key))
+
+def _write_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: StorageConfig,
+                   uri: str, key: str) -> DPixelRef:
     t0 = time.perf_counter()
     sc = zarr.open_group(zarr_store(scene.uri, storage, read_only=True), mode="r")
     mk = zarr.open_group(zarr_store(mask.uri, storage, read_only=True), mode="r")
@@ -132,5 +132,4 @@ def extract_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: 
         n_s1_ascending=sar["ascending"].shape[0], n_s1_descending=sar["descending"].shape[0],
         mean_valid_s2=valid_sum / (h * w), seconds=round(time.perf_counter() - t0, 3),
     )
-    mark_done(uri, storage, ref)
     return ref

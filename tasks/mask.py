@@ -19,12 +19,10 @@ from tasks.config import MaskConfig, StorageConfig
 from tasks.refs import MaskRef, SceneRef
 from tasks.storage import (
     code_version,
+    commit_stage,
     content_key,
-    is_done,
     join,
-    mark_done,
     normalise,
-    remove,
     zarr_store,
 )
 
@@ -70,9 +68,10 @@ def cloud_mask(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig) -> Mask
     ``valid_fraction`` float32 (T,). One scene at a time is held in memory.
     """
     uri, key = mask_uri(scene, cfg, storage)
-    if (done := is_done(uri, storage)) is not None:
-        return MaskRef.model_validate(done)
-    remove(uri, storage)
+    return commit_stage(uri, storage, MaskRef, lambda: _write_masks(scene, cfg, storage, uri, key))
+
+def _write_masks(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig, uri: str,
+                 key: str) -> MaskRef:
     t0 = time.perf_counter()
     src = zarr.open_group(zarr_store(scene.uri, storage, read_only=True), mode="r")
     scl = src["s2_scl"]
@@ -96,5 +95,4 @@ def cloud_mask(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig) -> Mask
         mean_valid_fraction=float(frac.mean()) if t else 0.0,
         cloud_fraction=cloudy / max(1, t * h * w), seconds=round(time.perf_counter() - t0, 3),
     )
-    mark_done(uri, storage, ref)
     return ref

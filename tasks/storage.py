@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from tasks.config import StorageConfig
+from tasks.credentials import redact_secrets, s3_credentials
 from tasks.errors import StorageError
 
 T = TypeVar("T")
@@ -33,13 +34,16 @@ DONE_SUFFIX = ".done.json"
 
 
 def storage_options(uri: str, cfg: StorageConfig) -> dict[str, Any]:
-    """fsspec options for a URI: S3 endpoint, region, credentials and transient-error retries.
+    """fsspec options for a URI: S3 endpoint, region, credentials and request retries.
 
-    Credentials: the config's secret fields when set (a flow fills them from a Prefect
-    block), else botocore's own chain (``AWS_*`` environment variables, profile, role).
-    Retries: botocore "standard" mode (throttling, 5xx, timeouts and connection errors, with
-    exponential back-off) for ``cfg.s3_max_attempts`` attempts, under s3fs's own retry loop.
-    The options hold secrets: never log them (:func:`redact` cleans messages).
+    Credentials are resolved here, at run time, in the process that opens the URI
+    (:mod:`tasks.credentials`): the block ``cfg.s3_credentials_block`` names, else botocore's
+    own chain (``AWS_*`` environment variables, profile, instance role). The options then hold
+    secrets: never log or persist them (:func:`redact` cleans messages).
+
+    Retries, one layer per transport (see :data:`S3FS_BODY_ATTEMPTS`): botocore's "standard"
+    mode retries each request on throttling (503 SlowDown), 5xx, timeouts and dropped
+    connections, with exponential back-off, for ``cfg.s3_max_attempts`` attempts.
     """
     if uri.startswith("s3://"):
         opts: dict[str, Any] = {
@@ -52,44 +56,65 @@ def storage_options(uri: str, cfg: StorageConfig) -> dict[str, Any]:
         client: dict[str, Any] = {}
         if cfg.s3_endpoint_url:
             opts["endpoint_url"] = cfg.s3_endpoint_url
-        if cfg.s3_region:
-            client["region_name"] = cfg.s3_region
+        creds = s3_credentials(cfg.s3_credentials_block)
+        region = cfg.s3_region or (creds.region if creds else None)
+        if region:
+            client["region_name"] = region
         if client:
             opts["client_kwargs"] = client
-        if cfg.s3_access_key_id is not None and cfg.s3_secret_access_key is not None:
-            opts["key"] = cfg.s3_access_key_id.get_secret_value()
-            opts["secret"] = cfg.s3_secret_access_key.get_secret_value()
-            if cfg.s3_session_token is not None:
-                opts["token"] = cfg.s3_session_token.get_secret_value()
+        if creds is not None:
+            opts.update(creds.options())
         return opts
     return {}
 
 
-TRANSIENT_MARKERS = (
-    "SlowDown",
-    "Throttl",
-    "RequestTimeout",
-    "InternalError",
-    "ServiceUnavailable",
-    "503",
-    "500",
-    "502",
-    "504",
-    "Connection reset",
-    "ConnectionError",
-    "timed out",
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests",
+    "500", "502", "503", "504",
+})
+"""S3 / botocore error codes and HTTP statuses that mark a transient error."""
+_TRANSIENT_TYPES = (
+    "ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError",
+    "ConnectTimeoutError", "ServerDisconnectedError", "ClientOSError", "ClientPayloadError",
+    "IncompleteReadError", "ResponseStreamingError", "ServerTimeoutError",
 )
-"""Substrings of S3/botocore/aiohttp error messages and codes that mark a transient error."""
+"""Exception class names (botocore, aiohttp) of dropped connections and timeouts."""
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code or HTTP status of a botocore ClientError, else None."""
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        err = resp.get("Error") or {}
+        code = err.get("Code")
+        status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        return str(code or status) if (code or status) else None
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether an error is worth retrying (throttling, 5xx, timeouts, dropped connections)."""
-    if isinstance(exc, TimeoutError | ConnectionError):
-        return True
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
-        return False
-    text = f"{type(exc).__name__}: {exc}"
-    return any(m in text for m in TRANSIENT_MARKERS)
+    """Whether an error is worth retrying: throttling, 5xx, timeouts, dropped connections.
+
+    Judged from the error's type and, for S3, its structured error code or HTTP status
+    (never from substrings of a message, which may hold anything, a tile id included). The
+    cause chain is followed, since s3fs and zarr wrap botocore's errors.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+            return False
+        if isinstance(e, TimeoutError | ConnectionError):
+            return True
+        if type(e).__name__ in _TRANSIENT_TYPES:
+            return True
+        code = _error_code(e)
+        if code is not None:
+            return code in _TRANSIENT_CODES
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def with_retries(
@@ -100,8 +125,8 @@ def with_retries(
 ) -> T:
     """Call ``fn``; on a transient error retry after each delay in turn, then re-raise.
 
-    For whole operations above single requests (a request is already retried by botocore):
-    e.g. ``with_retries(lambda: fs.pipe_file(path, data))``.
+    For whole operations above single requests whose failure would otherwise fail a stage
+    late (a request is already retried by botocore): e.g. the commit marker's PUT.
     """
     for delay in (*delays_s, None):
         try:
@@ -113,12 +138,9 @@ def with_retries(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def redact(text: str, cfg: StorageConfig) -> str:
-    """``text`` with every configured S3 secret replaced by ``***``."""
-    for secret in (cfg.s3_access_key_id, cfg.s3_secret_access_key, cfg.s3_session_token):
-        if secret is not None and secret.get_secret_value():
-            text = text.replace(secret.get_secret_value(), "***")
-    return text
+def redact(text: str, cfg: StorageConfig | None = None) -> str:
+    """``text`` with every secret this process knows replaced by ``***``."""
+    return redact_secrets(text)
 
 
 def normalise(uri: str) -> str:
@@ -133,9 +155,21 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
-def get_fs(uri: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+S3FS_BODY_ATTEMPTS = 2
+"""Attempts of s3fs's own loop. botocore retries requests but not the read of a response
+body that breaks mid-stream; s3fs's loop re-issues such a GET. Kept at 2 so it adds one
+attempt for a broken body and does not multiply botocore's request retries."""
+
+
+def get_fs(uri: str, cfg: StorageConfig, asynchronous: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and in-filesystem path for a URI."""
-    return url_to_fs(uri, **storage_options(uri, cfg))
+    opts = storage_options(uri, cfg)
+    if asynchronous:
+        opts["asynchronous"] = True
+    fs, path = url_to_fs(uri, **opts)
+    if uri.startswith("s3://"):
+        fs.retries = S3FS_BODY_ATTEMPTS
+    return fs, path
 
 
 def zarr_store(uri: str, cfg: StorageConfig, read_only: bool = False) -> zarr.abc.store.Store:
@@ -143,10 +177,11 @@ def zarr_store(uri: str, cfg: StorageConfig, read_only: bool = False) -> zarr.ab
     if "://" not in uri or uri.startswith("file://"):
         path = uri.removeprefix("file://")
         return zarr.storage.LocalStore(path, read_only=read_only)
-    opts = storage_options(uri, cfg)
     if uri.startswith("s3://"):
-        opts = {**opts, "asynchronous": True}
-    return zarr.storage.FsspecStore.from_url(uri, storage_options=opts, read_only=read_only)
+        fs, path = get_fs(uri, cfg, asynchronous=True)
+        return zarr.storage.FsspecStore(fs, path=path, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options(uri, cfg),
+                                             read_only=read_only)
 
 
 def done_uri(uri: str) -> str:
@@ -168,6 +203,29 @@ def mark_done(uri: str, cfg: StorageConfig, record: BaseModel | dict[str, Any]) 
     """Write the commit marker of a result; the last write that makes it visible."""
     data = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
     write_bytes_atomic(done_uri(uri), json.dumps(data, indent=1).encode(), cfg)
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def commit_stage(uri: str, storage: StorageConfig, ref_type: type[R], compute: Callable[[], R],
+                 *, clear: bool = True) -> R:
+    """The one way a stage commits its output at ``uri``.
+
+    Served from the commit record when the output is complete (a re-run, another worker,
+    another machine). Otherwise any partial output of an interrupted attempt is removed
+    (unless ``clear`` is False: a stage that resumes from its own partial state, like
+    training from its last checkpoint), ``compute`` writes the output and returns its
+    reference, and the commit record is written last: an interrupted stage (an error, a
+    stop request, ``kill -9``) never leaves something that looks complete.
+    """
+    if (done := is_done(uri, storage)) is not None:
+        return ref_type.model_validate(done)
+    if clear:
+        remove(uri, storage)
+    ref = compute()
+    mark_done(uri, storage, ref)
+    return ref
 
 
 def write_bytes_atomic(uri: str, data: bytes, cfg: StorageConfig) -> None:

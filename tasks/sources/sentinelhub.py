@@ -32,12 +32,12 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import SecretStr
 
+from tasks.credentials import BlockLoader, SentinelHubCredentials, sentinelhub_credentials
 from tasks.errors import ConfigError, FactoryError, TileError
 from tasks.grid import PIXEL_M, Tile
 from tasks.sources._sh_config import SentinelHubConfig
@@ -115,70 +115,20 @@ def should_retry(task: Any, task_run: Any, state: Any) -> bool:
 
 
 # --- credentials ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SentinelHubCredentials:
-    """An OAuth client; ``repr`` and ``str`` never show the secret."""
-
-    client_id: str
-    client_secret: SecretStr = field(repr=False)
-
-    def __str__(self) -> str:
-        return f"SentinelHubCredentials(client_id={self.client_id[:4]}...)"
-
-
 def resolve_credentials(
     cfg: SentinelHubConfig,
     environ: Mapping[str, str] | None = None,
-    load_block: Callable[[str], Any] | None = None,
+    loader: BlockLoader | None = None,
 ) -> SentinelHubCredentials:
-    """Read the credentials the config names: a Prefect Secret block, else two env variables.
-
-    Args:
-        cfg: The source config (names only).
-        environ: Environment to read (default ``os.environ``).
-        load_block: Loader of a Prefect Secret block's value by name (default: Prefect's).
+    """The OAuth client the config names (:func:`tasks.credentials.sentinelhub_credentials`,
+    the loading path shared with S3): a Prefect Secret block, else two env variables.
 
     Raises:
         ConfigError: They are missing or malformed; the message names where they were looked
             for, never a value.
     """
-    if cfg.secret_block:
-        field_name = "source.sentinelhub.secret_block"
-        try:
-            value = (load_block or _load_prefect_secret)(cfg.secret_block)
-        except Exception as exc:
-            raise ConfigError(
-                field_name, f"cannot load Prefect Secret block {cfg.secret_block!r} "
-                f"({type(exc).__name__})"
-            ) from None
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                value = None
-        if not (isinstance(value, dict) and value.get("client_id") and value.get("client_secret")):
-            raise ConfigError(
-                field_name,
-                f"expected block {cfg.secret_block!r} to hold "
-                '{"client_id": ..., "client_secret": ...}. Got another value',
-            )
-        return SentinelHubCredentials(str(value["client_id"]), SecretStr(str(value["client_secret"])))
-    env = os.environ if environ is None else environ
-    cid, secret = env.get(cfg.client_id_env), env.get(cfg.client_secret_env)
-    if not cid or not secret:
-        missing = [n for n, v in ((cfg.client_id_env, cid), (cfg.client_secret_env, secret)) if not v]
-        raise ConfigError(
-            "source.sentinelhub",
-            f"expected Sentinel Hub credentials in environment variable(s) {', '.join(missing)} "
-            "(or set secret_block to a Prefect Secret block). Got none",
-        )
-    return SentinelHubCredentials(cid, SecretStr(secret))
-
-
-def _load_prefect_secret(name: str) -> Any:
-    from prefect.blocks.system import Secret  # only when a block is configured
-
-    return Secret.load(name).get()
+    return sentinelhub_credentials(cfg.secret_block, cfg.client_id_env, cfg.client_secret_env,
+                                   environ=environ, loader=loader)
 
 
 class _DropSecrets(logging.Filter):

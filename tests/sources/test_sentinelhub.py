@@ -154,10 +154,10 @@ def test_resolve_credentials_env_and_block():
         resolve_credentials(cfg, environ={"MY_ID": "the-id"})
     assert "the-id" not in str(err.value)
     blk = SentinelHubConfig(secret_block="sh-creds")
-    c = resolve_credentials(blk, load_block=lambda n: {"client_id": "i", "client_secret": "s"})
+    c = resolve_credentials(blk, loader=lambda slug, n: {"value": {"client_id": "i", "client_secret": "s"}})
     assert c.client_id == "i"
     with pytest.raises(ConfigError, match="sh-creds"):
-        resolve_credentials(blk, load_block=lambda n: "not json")
+        resolve_credentials(blk, loader=lambda slug, n: {"value": "not json"})
 
 
 # --- through the real client -------------------------------------------------------------------
