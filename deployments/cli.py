@@ -1,11 +1,19 @@
-"""The ``tessera`` command line."""
+"""The ``tessera`` command line.
+
+Every bad input ends in one line on stderr naming the field and exit status 2, before a
+Prefect server starts or anything is written: the config is validated, storage probed, the
+checkpoint and credentials checked (:mod:`tasks.preflight`) first. A temporary Prefect
+server that does not come up ends in one line saying what to do, exit status 3.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any
+import time
+from typing import Any, NoReturn
 
 import yaml
 
@@ -16,18 +24,46 @@ EPILOG = """examples:
   tessera build -c build.yaml                build what a config file says
   tessera build --bbox 0.1 52.19 0.16 52.2 --year 2023 --set training.steps=300
   tessera plan --bbox 5.9 45 6.1 45.05       list the tiles of a region (zone crossing shown)
-  tessera config --demo > build.yaml         write a starting config
+  tessera config > build.yaml                write a starting config (--demo: the demo's)
+  tessera plan -c build.yaml                 check a config file and list its tiles
   tessera server                             start a local Prefect server + UI and serve the deployments
   tessera serve                              serve the deployments to the Prefect API in PREFECT_API_URL
   tessera shub-endpoint --port 8765          a local Sentinel Hub endpoint serving the synthetic Earth
 """
 
+EXIT_BAD_INPUT = 2
+"""Exit status for a bad command line, config, storage root, checkpoint or credentials."""
+EXIT_NO_SERVER = 3
+"""Exit status when the temporary Prefect server does not start."""
+
+CLI_PREFECT_DEFAULTS = {
+    # The temporary server's telemetry heartbeat logs an error every 10 minutes offline.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's default of 20 s is not enough for a first start on a busy 2-core machine
+    # (measured 60-140 s); the start is retried once on top (see _ensure_prefect_api).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+"""Prefect settings for command-line runs; a value the user set in the environment wins."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+class ServerStartError(RuntimeError):
+    """The temporary Prefect API server did not start."""
+
 
 def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML/TOML/JSON build config file.")
     p.add_argument("--bbox", nargs=4, type=float, metavar=("MIN_LON", "MIN_LAT", "MAX_LON", "MAX_LAT"))
-    p.add_argument("--year", type=int)
-    p.add_argument("--output", help="Output root (local path or s3://).")
+    p.add_argument("--year", type=int, help="Year to build (default: the config's, else the "
+                   "last complete year).")
+    p.add_argument("--output", help="Output root (local path or s3://bucket/prefix).")
     p.add_argument("--work", help="Work root for caches and intermediates.")
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -45,32 +81,92 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
         o["year"] = a.year
     if a.seed is not None:
         o["seed"] = a.seed
-    if a.output:
+    if a.output is not None:
         o.setdefault("storage", {})["output_uri"] = a.output
-    if a.work:
+    if a.work is not None:
         o.setdefault("storage", {})["work_uri"] = a.work
     return o
 
 
 def _load(a: argparse.Namespace, demo: bool = False):  # noqa: ANN202
-    from tasks.config import _deep_merge, build_config, demo_config
+    """The build config the options describe: the demo's or a file's, with the options on top;
+    the year defaults to the last complete year."""
+    from tasks.config import (
+        _deep_merge,
+        demo_config,
+        last_complete_year,
+        load_config_dict,
+        validate_build_config,
+    )
 
+    overrides = _overrides(a)
     if demo:
         base = demo_config().model_dump(mode="json")
-        return build_config(None, _deep_merge(base, _overrides(a)))
-    return build_config(a.config, _overrides(a))
+    else:
+        base = load_config_dict(a.config) if a.config else {}
+        base.setdefault("year", last_complete_year())
+    return validate_build_config(_deep_merge(base, overrides))
 
 
-def _run_build(cfg) -> int:  # noqa: ANN001
-    from deployments.progress import BuildProgress
-    from flows.build import build_region, plan, preflight
+def _tile_plan(cfg):  # noqa: ANN001, ANN202
+    """The tiles of a build (what ``flows.build.plan`` returns), without importing Prefect."""
+    from tasks.grid import plan_tiles
+
+    return plan_tiles(cfg.region.geometry(), cfg.tile_size_px)
+
+
+def _ensure_prefect_api(attempts: int = 2) -> None:
+    """Start the temporary Prefect server now (unless ``PREFECT_API_URL`` names one), retrying
+    a start that times out, so a slow start fails here with :class:`ServerStartError` rather
+    than as a traceback from inside the flow."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    timeout = settings.server.ephemeral.startup_timeout_seconds
+    for _ in range(attempts):
+        server = SubprocessASGIServer()
+        try:
+            server.start()
+            return
+        except Exception:  # noqa: BLE001 - Prefect raises RuntimeError or httpx errors
+            server.stop()  # kill a half-started server; the next instance picks a new port
+    raise ServerStartError(
+        f"the temporary Prefect server did not start within {timeout} s ({attempts} tries; "
+        "the machine may be busy). Start one in another terminal with 'tessera server', then "
+        "'export PREFECT_API_URL=http://127.0.0.1:4200/api' and run this again (or allow more "
+        "time: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=300)"
+    )
+
+
+def _run_build(cfg, t0: float) -> int:  # noqa: ANN001
+    """Check everything a stat or HEAD can check, start the Prefect API, read credential
+    blocks once, then run the build flow and print where the output is."""
+    from tasks.preflight import check_credential_blocks, local_checks
     from tasks.storage import normalise
 
-    cfg = preflight(cfg)
-    with BuildProgress(normalise(cfg.storage.work_uri), [t.id for t in plan(cfg)]):
-        result = build_region(config=cfg)
+    local_checks(cfg)  # before any server starts or folder is created
+    _ensure_prefect_api()
+    check_credential_blocks(cfg)  # single-shot, needs the API
+
+    from deployments.progress import BuildProgress
+    from flows.build import build_region
+
+    try:
+        with BuildProgress(normalise(cfg.storage.work_uri), [t.id for t in _tile_plan(cfg)]):
+            result = build_region(config=cfg)
+    except RuntimeError as exc:  # a task runner's worker may start its own temporary server
+        if "ephemeral Prefect API server" in str(exc):
+            raise ServerStartError("a temporary Prefect server (of a task runner's worker) did not "
+                                   "start in time; start one with 'tessera server' and set "
+                                   "PREFECT_API_URL=http://127.0.0.1:4200/api") from None
+        raise
+    seconds = time.perf_counter() - t0
     print()
-    print(f"Published {result.n_valid_pixels} pixels of {len(result.tiles)} tile(s) in {result.seconds:.0f} s.")
+    print(f"Published {result.n_valid_pixels} pixels of {len(result.tiles)} tile(s) in {seconds:.0f} s.")
     print(f"Store: {result.store_uri}  groups: {', '.join(result.groups)}")
     print("Open it with:")
     print("  import xarray as xr")
@@ -79,8 +175,8 @@ def _run_build(cfg) -> int:  # noqa: ANN001
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="tessera", description="Build TESSERA embedding maps as a Prefect workflow.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -91,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     _build_args(p)
     p = sub.add_parser("plan", help="Validate a config and list its tiles, without building.")
     _build_args(p)
-    p = sub.add_parser("config", help="Print a build config (default or demo) or its JSON schema.")
+    p = sub.add_parser("config", help="Print a starting build config, the demo's, or the JSON schema.")
     p.add_argument("--demo", action="store_true", help="Print the demo config.")
     p.add_argument("--schema", action="store_true", help="Print the JSON schema (the UI form).")
     p = sub.add_parser("serve", help="Serve the deployments to the Prefect API (PREFECT_API_URL).")
@@ -117,33 +213,52 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("import-dpixels", help="Import a reference d-pixel folder into a d-pixel group.")
     p.add_argument("folder")
     p.add_argument("group_uri")
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``tessera`` command; returns the exit status (0 ok, 2 bad input, 3 no server)."""
+    t0 = time.perf_counter()
+    for name, value in CLI_PREFECT_DEFAULTS.items():  # before Prefect is imported
+        os.environ.setdefault(name, value)
     try:
-        return _dispatch(a)
+        a = _parser().parse_args(argv)
+    except SystemExit as exc:  # a one-line usage error (2); --help exits 0 as argparse does
+        if exc.code in (0, None):
+            raise
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    try:
+        return _dispatch(a, t0)
     except FactoryError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ServerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_NO_SERVER
 
 
-def _dispatch(a: argparse.Namespace) -> int:
+def _dispatch(a: argparse.Namespace, t0: float) -> int:
     if a.cmd in ("demo", "build"):
-        return _run_build(_load(a, demo=a.cmd == "demo"))
+        return _run_build(_load(a, demo=a.cmd == "demo"), t0)
     if a.cmd == "plan":
-        from flows.build import plan
-
         cfg = _load(a, demo=a.config is None and not a.bbox)
-        tiles = plan(cfg)
+        tiles = _tile_plan(cfg)
         print(f"{len(tiles)} tile(s) of {cfg.tile_size_px} px for {cfg.region.name} {cfg.year}:")
         for t in tiles:
             print(f"  {t.id}  {t.crs}  bounds {t.bounds}")
         return 0
     if a.cmd == "config":
-        from tasks.config import BuildConfig, demo_config
+        from tasks.config import BuildConfig, demo_config, starting_config
 
         if a.schema:
             print(json.dumps(BuildConfig.model_json_schema(), indent=1))
-        else:
+        elif a.demo:
+            print("# The demo: two tiles of the synthetic Earth near Cambridge, UK (tessera demo).")
             print(yaml.safe_dump(demo_config().model_dump(mode="json"), sort_keys=False))
+        else:
+            print("# A starting build config: set region.bbox (or region.geojson) and year; every")
+            print("# other field shows its default ('tessera config --schema' describes them).")
+            print(yaml.safe_dump(starting_config(), sort_keys=False))
         return 0
     if a.cmd == "serve":
         from deployments.serve import serve_all

@@ -22,12 +22,12 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import BaseModel, Field
 
 from tasks import prefect_tasks as pt
-from tasks.config import BuildConfig, RunnerConfig, validate_build_config
-from tasks.credentials import s3_credentials
+from tasks.config import BuildConfig, RunnerConfig
 from tasks.grid import Tile, plan_tiles
+from tasks.preflight import preflight
 from tasks.preview import preview_markdown
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
-from tasks.storage import check_readable, check_writable, join, normalise
+from tasks.storage import join, normalise
 
 
 class BuildResult(BaseModel):
@@ -39,19 +39,6 @@ class BuildResult(BaseModel):
     model_version: str
     n_valid_pixels: int
     seconds: float
-
-
-def preflight(config: BuildConfig | dict[str, Any]) -> BuildConfig:
-    """Validate a config, check its credentials resolve and storage is writable, before any
-    work. Credentials are only checked here; each process resolves its own when it needs
-    them (:mod:`tasks.credentials`), so none travels in a parameter or result."""
-    cfg = validate_build_config(config)
-    s3_credentials(cfg.storage.s3_credentials_block)
-    check_writable(cfg.storage.output_uri, cfg.storage, "storage.output_uri")
-    check_writable(cfg.storage.work_uri, cfg.storage, "storage.work_uri")
-    if not cfg.training.enabled:
-        check_readable(cfg.training.checkpoint_uri or "", cfg.storage, "training.checkpoint_uri")
-    return cfg
 
 
 def plan(config: BuildConfig) -> list[Tile]:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,7 +41,54 @@ FIRST_YEAR = 2017
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite number is refused by name ("not a number"), not
+    # by a confusing bound ("should be greater than or equal to -180").
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+URI_SCHEMES = ("file", "s3", "memory")
+"""Schemes a storage or checkpoint URI may have (a path without scheme is local)."""
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+_SCHEME_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def check_uri(v: str) -> str:
+    """Check a storage URI: a local path, ``file://``, ``memory://`` or ``s3://bucket[/prefix]``.
+
+    Refuses what looks like a URI but is not one (``s3:/bucket``, ``s3:bucket``), unknown
+    schemes and an empty or malformed bucket, so a typo never becomes a local folder named
+    ``s3:``.
+
+    Raises:
+        ValueError: with an "Expected X. Got Y." message.
+    """
+    if not v.strip():
+        raise ValueError("Expected a local path or an s3:// URI. Got an empty string.")
+    if "://" not in v:
+        m = _SCHEME_LIKE.match(v)
+        if m and "/" not in m.group(1):  # 'C:' (one letter) stays a Windows drive
+            scheme = m.group(1)
+            hint = f"{scheme}://" + v[len(scheme) + 1:].lstrip("/")
+            raise ValueError(
+                f"Expected a URI of the form scheme://... (e.g. {hint!r}) or a local path "
+                f"(write './{v}' for a folder whose name has a colon). Got {v!r}."
+            )
+        return v
+    scheme, rest = v.split("://", 1)
+    if scheme not in URI_SCHEMES:
+        raise ValueError(
+            f"Expected a local path or a {', '.join(s + '://' for s in URI_SCHEMES)} URI. "
+            f"Got scheme {scheme!r} in {v!r}."
+        )
+    if scheme == "s3":
+        bucket = rest.split("/", 1)[0]
+        if not _S3_BUCKET.match(bucket):
+            raise ValueError(
+                "Expected s3://BUCKET[/PREFIX] with a bucket name of 3-63 lowercase letters, "
+                f"digits, dots or hyphens. Got {'no bucket' if not bucket else repr(bucket)} "
+                f"in {v!r}."
+            )
+    return v
 
 
 def last_complete_year(today: dt.date | None = None) -> int:
@@ -99,6 +150,15 @@ class RegionConfig(_Model):
             raise ValueError(f"Expected min_lat < max_lat. Got {min_lat} >= {max_lat}.")
         return v
 
+    @field_validator("bbox", mode="before")
+    @classmethod
+    def _bbox_numbers(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                if isinstance(x, float) and math.isnan(x):
+                    raise ValueError(f"Expected a number at position {i}. Got NaN (not a number).")
+        return v
+
     @field_validator("geojson")
     @classmethod
     def _check_geojson(cls, v: dict[str, Any] | None) -> Any:
@@ -112,6 +172,8 @@ class RegionConfig(_Model):
         if geom.area == 0:
             raise ValueError("Expected a polygon with a non-zero area. Got an empty polygon.")
         minx, miny, maxx, maxy = geom.bounds
+        if any(math.isnan(b) or math.isinf(b) for b in geom.bounds):
+            raise ValueError("Expected finite coordinates. Got NaN (not a number) or infinity.")
         if minx < -180 or maxx > 180 or miny < -90 or maxy > 90:
             raise ValueError(
                 "Expected longitudes within +-180 and latitudes within +-90. "
@@ -183,9 +245,13 @@ class StorageConfig(_Model):
     @field_validator("output_uri", "work_uri")
     @classmethod
     def _check_uri(cls, v: str) -> str:
-        scheme = v.split("://", 1)[0] if "://" in v else "file"
-        if scheme not in ("file", "s3", "memory"):
-            raise ValueError(f"Expected a local path, file:// or s3:// URI. Got scheme {scheme!r}.")
+        return check_uri(v)
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"Expected an http:// or https:// URL. Got {v!r}.")
         return v
 
 
@@ -301,6 +367,11 @@ class TrainingConfig(_Model):
         "gloo on CPU). batch_size is the global batch and must divide evenly.",
     )
     device: Device = Field(default="auto", description="Training device.")
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _check_uri(cls, v: str | None) -> str | None:
+        return v if v is None else check_uri(v)
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
@@ -445,37 +516,127 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ``["training.steps=50", "region.bbox=[0,50,0.1,50.1]"]`` into a nested dict.
 
-    Values are parsed as YAML scalars/lists, so numbers, booleans and lists work.
+    Values are parsed as YAML scalars/lists, so numbers, booleans and lists work. Keys are
+    checked against :class:`BuildConfig` here, before anything runs: an unknown field, or a
+    subkey of a value that is not a section (``year.x=1``), raises :class:`ConfigError`
+    naming the dotted key.
     """
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise ConfigError(item, "expected KEY=VALUE (e.g. training.steps=50)")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError("--set", f"expected KEY=VALUE (e.g. training.steps=50). Got {item!r}")
+        parts = key.split(".")
+        if any(not p for p in parts):
+            raise ConfigError("--set", f"expected a dotted field name (e.g. training.steps). Got {key!r}")
+        check_field_path(parts)
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(key, f"expected a YAML value (number, string, list). Got {raw!r} "
+                              f"({where})") from None
         node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parts[:-1]):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "expected one value or its subkeys. "
+                                  "Got both")
+            node = child
         node[parts[-1]] = value
     return out
 
 
-def load_config_dict(path: str | Path) -> dict[str, Any]:
-    """Read a YAML, TOML or JSON config file into a dict (no code is executed)."""
-    p = Path(path)
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
-    elif p.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif p.suffix == ".json":
-        data = json.loads(text)
+def _section_of(annotation: Any) -> type[BaseModel] | dict[str, Any] | None:
+    """The model a field's annotation nests (subkeys checked), ``{}`` for a free-form mapping
+    (any subkey), or None for a value (no subkey)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        candidates = [a for a in typing.get_args(annotation) if a is not type(None)]
     else:
+        candidates = [annotation]
+    for a in candidates:
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+        if a is dict or typing.get_origin(a) is dict:
+            return {}
+    return None
+
+
+def check_field_path(parts: list[str], model: type[BaseModel] | None = None) -> None:
+    """Check that a dotted path names a field of ``model`` (default :class:`BuildConfig`).
+
+    Raises:
+        ConfigError: naming the first unknown field or the value that cannot have subkeys.
+    """
+    node: type[BaseModel] | dict[str, Any] | None = model or BuildConfig
+    for i, name in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if node is None:
+            parent = ".".join(parts[:i])
+            raise ConfigError(here, f"expected no subkey: '{parent}' is a value, not a section "
+                              f"(set it with {parent}=VALUE). Got subkey {name!r}")
+        if isinstance(node, dict):
+            return  # free-form mapping (e.g. region.geojson): the model validates it
+        fields = node.model_fields
+        if name not in fields:
+            raise ConfigError(here, f"expected one of {', '.join(fields)}. Got unknown field {name!r}")
+        node = _section_of(fields[name].annotation)
+
+
+def load_config_dict(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON config file into a dict (no code is executed).
+
+    Raises:
+        ConfigError: (field ``config``) the file is missing, not a file, unreadable, empty,
+            not valid YAML/TOML/JSON, or not a mapping; the message names the file and,
+            where the parser says, the line.
+    """
+    p = Path(path)
+    if p.suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError("config", f"expected a .yaml, .yml, .toml or .json file. Got {p.name!r}")
+    if not p.exists():
+        raise ConfigError("config", f"expected an existing config file. Got no file at {str(p)!r}")
+    if not p.is_file():
+        raise ConfigError("config", f"expected a config file. Got a directory or other non-file at {str(p)!r}")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"expected a readable UTF-8 file. Got {type(exc).__name__}: "
+                          f"{getattr(exc, 'strerror', None) or exc} reading {str(p)!r}") from None
+    if not text.strip():
+        raise ConfigError("config", f"expected a mapping of config fields. Got an empty file {str(p)!r}")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif p.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError("config", f"expected valid YAML. Got {what}{where} in {p.name}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"expected valid TOML. Got {exc} in {p.name}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError("config", f"expected valid JSON. Got {exc.msg} at line {exc.lineno} "
+                          f"in {p.name}") from None
     if not isinstance(data, dict):
-        raise ConfigError("config", f"expected a mapping at the top of {p.name}")
+        raise ConfigError("config", f"expected a mapping of config fields at the top of {p.name}. "
+                          f"Got {type(data).__name__}")
     return data
+
+
+def starting_config() -> dict[str, Any]:
+    """A plain starting config: every field at its default, with a placeholder region (a
+    small box near Cambridge, UK) and the last complete year. ``tessera config`` prints it."""
+    cfg = BuildConfig.model_validate({
+        "region": {"bbox": (0.11, 52.19, 0.15, 52.205), "name": "my-region"},
+        "year": last_complete_year(),
+    })
+    return cfg.model_dump(mode="json")
 
 
 def build_config(
@@ -505,5 +666,13 @@ def config_error_from(exc: ValidationError) -> ConfigError:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "config"
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "finite_number":
+        got = str(err.get("input"))
+        kind = "not a number" if got.lower() == "nan" else "infinite"
+        msg = f"Expected a finite number. Got {got} ({kind})."
+    elif err["type"] == "extra_forbidden":
+        msg = f"Expected a known field. Got unknown field {str(err['loc'][-1])!r}."
+    elif err["type"] == "missing":
+        msg = "Expected a value. Got none (this field is required)."
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return ConfigError(field, msg + more)

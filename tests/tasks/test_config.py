@@ -117,7 +117,7 @@ def test_geojson_feature_accepted():
 
 
 def test_unwritable_output_fails_before_work(tmp_path):
-    from flows.build import preflight
+    from tasks.preflight import preflight
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -129,7 +129,7 @@ def test_unwritable_output_fails_before_work(tmp_path):
 
 
 def test_missing_checkpoint_fails_before_work(tmp_path):
-    from flows.build import preflight
+    from tasks.preflight import preflight
 
     cfg = build_config(None, _cfg(
         training={"enabled": False, "checkpoint_uri": str(tmp_path / "nope.pt")},
