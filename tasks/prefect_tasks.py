@@ -2,33 +2,43 @@
 
 Every task's cache key is the hash of (task name, code version, all inputs), and inputs are
 configs and small references that carry their upstream content keys, so the key covers
-(stage config, tile, upstream result, code version). Results are persisted in the work root
-(see :func:`result_storage_for`), so a second run of the same build, or another machine with
-the same work root, is served from cache. I/O stages retry with growing delays.
+(stage config, tile, upstream result, code version); a given checkpoint's key also covers
+its bytes' identity (ETag or size and mtime), so a file replaced at the same URI is re-read.
+Results are persisted as JSON in the work root (:mod:`tasks.prefect_results`), so a second
+run of the same build, or another machine with the same work root, is served from cache.
+
+Retries: a task is retried only when its error can go away on its own (throttling, 5xx,
+timeouts, dropped connections, a transient Sentinel Hub fault: :func:`retry_transient`); a
+config, data or credentials error fails at once.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
-from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
 from tasks import acquire, catalog, dpixels, embed, mask, preview, publish, train
 from tasks.config import StorageConfig
-from tasks.sources.sentinelhub import estimate_acquisition, should_retry
-from tasks.storage import code_version, content_key, join, normalise, storage_options
+from tasks.prefect_results import RefSerializer, ResultStorage
+from tasks.prefect_results import result_storage_for as _result_storage_for
+from tasks.slots import held_slot
+from tasks.sources.sentinelhub import (
+    PUBudgetError,
+    SentinelHubError,
+    SentinelHubPermanentError,
+    estimate_acquisition,
+)
+from tasks.storage import code_version, content_key, get_fs, is_transient
 
 RETRY_DELAYS = [2, 10, 30]
 GPU_LIMIT = "gpu"
+"""Global concurrency limit guarding training (create it with ``prefect gcl create gpu --limit N``)."""
 SH_LIMIT = "sentinelhub"
 """Global concurrency limit on tiles acquired from Sentinel Hub at once (its rate limit)."""
-"""Global concurrency limit guarding training (create it with ``prefect gcl create gpu --limit N``)."""
-
 
 TASK_CODE: dict[str, tuple[str, ...]] = {
     "acquire": acquire.CODE,
@@ -48,31 +58,67 @@ TASK_CODE: dict[str, tuple[str, ...]] = {
 """The code each task's result depends on (its cache key includes that code's hash)."""
 
 
+def file_identity(uri: str, storage: StorageConfig) -> dict[str, Any]:
+    """What identifies a file's current bytes without reading them: its ETag on object stores,
+    else size and modification time (a stat or a HEAD request)."""
+    fs, path = get_fs(uri, storage)
+    info = fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return {"etag": str(etag).strip('"'), "size": info.get("size")}
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    return {"size": info.get("size"), "mtime": str(mtime)}
+
+
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key of a stage call: task name, its code's version and every input."""
-    name = context.task.name
-    return f"{name}-{content_key(code_version(*TASK_CODE[name]), parameters)}"
+    """Cache key of a stage call: task name, its code's version and every input.
 
-
-def result_storage_for(storage: StorageConfig) -> Path | WritableFileSystem:
-    """Where Prefect persists task results and cache records: ``{work}/prefect-results``.
-
-    A local path is used as is; an object-store root is saved as a RemoteFileSystem block
-    (named by a hash of its location; it holds no credentials), since Prefect requires
-    remote result storage to be a saved block.
+    A given checkpoint is named by a URI whose bytes may change: its key also holds the
+    file's identity (:func:`file_identity`).
     """
-    root = join(normalise(storage.work_uri), "prefect-results")
-    if "://" not in root:
-        return Path(root)
-    block = RemoteFileSystem(basepath=root, settings=storage_options(root, storage))
-    block.save(f"tessera-results-{content_key(root, storage.s3_endpoint_url)[:12]}", overwrite=True)
-    return block
+    name = context.task.name
+    extra: Any = None
+    if name == "given-checkpoint":
+        extra = file_identity(parameters["uri"], parameters["storage"])
+    return f"{name}-{content_key(code_version(*TASK_CODE[name]), parameters, extra)}"
 
 
-_common: dict[str, Any] = {"cache_key_fn": stage_cache_key, "persist_result": True}
+def transient(exc: BaseException) -> bool:
+    """Whether a stage's error can go away on a retry."""
+    if isinstance(exc, SentinelHubPermanentError | PUBudgetError):
+        return False
+    if isinstance(exc, SentinelHubError):
+        return True
+    return is_transient(exc)
 
 
-@task(name="acquire", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=should_retry,
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """A Prefect ``retry_condition_fn``: retry only transient errors (:func:`transient`)."""
+    exc = getattr(state, "data", None)
+    if not isinstance(exc, BaseException):
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # an unreadable result: nothing says a retry can help
+            return False
+    return isinstance(exc, BaseException) and transient(exc)
+
+
+def result_storage_for(storage: StorageConfig) -> ResultStorage:
+    """Where Prefect persists task results and cache records: ``{work}/prefect-results``,
+    as JSON, read through an integrity check, never saved on the server, no credentials
+    (:mod:`tasks.prefect_results`)."""
+    return _result_storage_for(storage)
+
+
+_common: dict[str, Any] = {
+    "cache_key_fn": stage_cache_key,
+    "persist_result": True,
+    "result_serializer": RefSerializer(),
+    "retry_condition_fn": retry_transient,
+}
+
+
+@task(name="acquire", retries=3, retry_delay_seconds=RETRY_DELAYS,
       task_run_name="acquire-{tile}", **_common)
 def acquire_task(tile, year, source, storage):  # noqa: ANN001, ANN201
     """Retries transient faults; a permanent failure (credentials, rejected request, PU
@@ -86,7 +132,7 @@ def acquire_task(tile, year, source, storage):  # noqa: ANN001, ANN201
 
 
 @task(name="estimate-processing-units", retries=3, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+      cache_policy=NO_CACHE)
 def estimate_pu_task(tiles, year, cfg, storage):  # noqa: ANN001, ANN201
     """Catalog-only PU estimate of a Sentinel Hub build; fails if it exceeds the budget."""
     return estimate_acquisition(tiles, year, cfg, storage)
@@ -110,7 +156,7 @@ def training_set_task(dpixel_refs, cfg, seed, storage):  # noqa: ANN001, ANN201
 @task(name="train", retries=1, retry_delay_seconds=RETRY_DELAYS, **_common)
 def train_task(training_set, model, cfg, seed, storage):  # noqa: ANN001, ANN201
     """Holds a slot of the ``gpu`` concurrency limit (when it exists) while training."""
-    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+    with held_slot(GPU_LIMIT):
         return train.train_model(training_set, model, cfg, seed, storage)
 
 
