@@ -40,7 +40,7 @@ CLI_PREFECT_DEFAULTS = {
     # The temporary server's telemetry heartbeat logs an error every 10 minutes offline.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # Prefect's default of 20 s is not enough for a first start on a busy 2-core machine
-    # (measured 60-140 s); the start is retried once on top (see _ensure_prefect_api).
+    # (measured 60-140 s); the start is retried once on top (see ensure_prefect_api).
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 """Prefect settings for command-line runs; a value the user set in the environment wins."""
@@ -115,7 +115,7 @@ def _tile_plan(cfg):  # noqa: ANN001, ANN202
     return plan_tiles(cfg.region.geometry(), cfg.tile_size_px)
 
 
-def _ensure_prefect_api(attempts: int = 2) -> None:
+def ensure_prefect_api(attempts: int = 2) -> None:
     """Start the temporary Prefect server now (unless ``PREFECT_API_URL`` names one), retrying
     a start that times out, so a slow start fails here with :class:`ServerStartError` rather
     than as a traceback from inside the flow."""
@@ -149,7 +149,7 @@ def _run_build(cfg, t0: float) -> int:  # noqa: ANN001
     from tasks.storage import normalise
 
     local_checks(cfg)  # before any server starts or folder is created
-    _ensure_prefect_api()
+    ensure_prefect_api()
     check_credential_blocks(cfg)  # single-shot, needs the API
 
     from deployments.progress import BuildProgress

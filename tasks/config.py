@@ -596,7 +596,8 @@ def load_config_dict(path: str | Path) -> dict[str, Any]:
     if p.suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError("config", f"expected a .yaml, .yml, .toml or .json file. Got {p.name!r}")
     if not p.exists():
-        raise ConfigError("config", f"expected an existing config file. Got no file at {str(p)!r}")
+        got = "a broken or looping symbolic link" if p.is_symlink() else "no file"
+        raise ConfigError("config", f"expected an existing config file. Got {got} at {str(p)!r}")
     if not p.is_file():
         raise ConfigError("config", f"expected a config file. Got a directory or other non-file at {str(p)!r}")
     try:
