@@ -18,7 +18,6 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 
 from tasks import acquire, catalog, dpixels, embed, mask, preview, publish, train
@@ -126,7 +125,7 @@ def acquire_task(tile, year, source, storage):  # noqa: ANN001, ANN201
     the ``sentinelhub`` limit, which bounds concurrent tiles across every build and backfill
     (each tile then uses ``source.sentinelhub.max_threads`` requests at a time)."""
     if source.kind == "sentinelhub":
-        with concurrency(SH_LIMIT, occupy=1, strict=False):
+        with held_slot(SH_LIMIT):
             return acquire.acquire(tile, year, source, storage)
     return acquire.acquire(tile, year, source, storage)
 
