@@ -52,8 +52,9 @@ _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 _SCHEME_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
-def check_uri(v: str) -> str:
-    """Check a storage URI: a local path, ``file://``, ``memory://`` or ``s3://bucket[/prefix]``.
+def check_uri(v: str, schemes: tuple[str, ...] = URI_SCHEMES) -> str:
+    """Check a storage URI: a local path, ``file://``, ``memory://`` or ``s3://bucket[/prefix]``
+    (or another of ``schemes``).
 
     Refuses what looks like a URI but is not one (``s3:/bucket``, ``s3:bucket``), unknown
     schemes and an empty or malformed bucket, so a typo never becomes a local folder named
@@ -75,9 +76,9 @@ def check_uri(v: str) -> str:
             )
         return v
     scheme, rest = v.split("://", 1)
-    if scheme not in URI_SCHEMES:
+    if scheme not in schemes:
         raise ValueError(
-            f"Expected a local path or a {', '.join(s + '://' for s in URI_SCHEMES)} URI. "
+            f"Expected a local path or a {', '.join(s + '://' for s in schemes)} URI. "
             f"Got scheme {scheme!r} in {v!r}."
         )
     if scheme == "s3":
@@ -371,7 +372,7 @@ class TrainingConfig(_Model):
     @field_validator("checkpoint_uri")
     @classmethod
     def _check_uri(cls, v: str | None) -> str | None:
-        return v if v is None else check_uri(v)
+        return v if v is None else check_uri(v, (*URI_SCHEMES, "http", "https"))
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:

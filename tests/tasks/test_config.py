@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from tasks.config import BuildConfig, build_config, demo_config, last_complete_year, parse_overrides
+from tasks.config import (
+    BuildConfig,
+    StorageConfig,
+    build_config,
+    demo_config,
+    last_complete_year,
+    parse_overrides,
+)
 from tasks.errors import ConfigError
 
 
@@ -125,7 +132,88 @@ def test_unwritable_output_fails_before_work(tmp_path):
     with pytest.raises(ConfigError) as ei:
         preflight(cfg)
     assert ei.value.field == "storage.output_uri"
-    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe left nothing
+
+
+def test_preflight_probe_removes_only_what_it_created(tmp_path):
+    from tasks.preflight import check_writable
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep").write_text("x")
+    check_writable(str(tmp_path / "a" / "b" / "c"), StorageConfig(), "storage.work_uri")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["keep"]
+    check_writable(str(tmp_path / "a"), StorageConfig(), "storage.work_uri")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["keep"]
+
+
+def test_preflight_without_blocks_needs_no_prefect(tmp_path, monkeypatch):
+    """Checks that need no more than a stat run without the Prefect API (no block named)."""
+    from tasks.preflight import local_checks
+
+    monkeypatch.delenv("SH_CLIENT_ID", raising=False)
+    cfg = build_config(None, _cfg(source={"kind": "sentinelhub"},
+                                  storage={"output_uri": str(tmp_path / "o"), "work_uri": str(tmp_path / "w")}))
+    with pytest.raises(ConfigError) as ei:
+        local_checks(cfg)
+    assert ei.value.field == "source.sentinelhub" and "SH_CLIENT_ID" in str(ei.value)
+    monkeypatch.setenv("SH_CLIENT_ID", "id")
+    monkeypatch.setenv("SH_CLIENT_SECRET", "secret")
+    local_checks(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("uri", ["s3:/bucket/out", "s3:bucket", "s3://", "s3:///x", "s3://B_/x",
+                                 "gs://bucket/x", "http://host/x", " ", "ftp:x"])
+def test_bad_storage_uris_rejected(uri):
+    with pytest.raises(ConfigError) as ei:
+        build_config(None, _cfg(storage={"output_uri": uri}))
+    assert ei.value.field == "storage.output_uri"
+
+
+@pytest.mark.parametrize("uri", ["out", "./s3:/x", "/abs/out", "file:///tmp/x", "s3://bucket",
+                                 "s3://my-bucket.v2/a/b", "memory://x", "C:/data"])
+def test_good_storage_uris_accepted(uri):
+    assert build_config(None, _cfg(storage={"output_uri": uri})).storage.output_uri == uri
+
+
+def test_nan_is_called_not_a_number():
+    with pytest.raises(ConfigError, match="not a number") as ei:
+        build_config(None, _cfg(region={"bbox": [float("nan"), 52.19, 0.16, 52.205]}))
+    assert ei.value.field == "region.bbox"
+    with pytest.raises(ConfigError, match="not a number") as ei:
+        build_config(None, _cfg(training={"learning_rate": float("nan")}))
+    assert ei.value.field == "training.learning_rate"
+
+
+@pytest.mark.parametrize(("item", "field"), [
+    ("year.x=1", "year.x"), ("region.bbox.0=1", "region.bbox.0"), ("colour=1", "colour"),
+    ("training.stepz=1", "training.stepz"), ("x", "--set"), ("=1", "--set"),
+    ("a..b=1", "--set"), ("region.bbox=[1,", "region.bbox"),
+])
+def test_bad_overrides_rejected_at_parse_time(item, field):
+    with pytest.raises(ConfigError) as ei:
+        parse_overrides([item])
+    assert ei.value.field == field
+
+
+def test_overrides_reach_nested_and_free_form_fields():
+    o = parse_overrides(["source.sentinelhub.base_url=http://x", "region.geojson.type=Polygon"])
+    assert o == {"source": {"sentinelhub": {"base_url": "http://x"}}, "region": {"geojson": {"type": "Polygon"}}}
+
+
+@pytest.mark.parametrize(("name", "content", "says"), [
+    ("b.yaml", "a: [1,\n", "valid YAML"), ("b.toml", "a = \n", "valid TOML"),
+    ("b.json", "{", "valid JSON"), ("b.yaml", "", "empty file"), ("b.yaml", "- 1\n", "mapping"),
+    ("b.cfg", "a: 1\n", ".yaml"), ("missing.yaml", None, "no file"),
+])
+def test_bad_config_files_raise_config_error(tmp_path, name, content, says):
+    from tasks.config import load_config_dict
+
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(ConfigError, match=says) as ei:
+        load_config_dict(tmp_path / name)
+    assert ei.value.field == "config"
 
 
 def test_missing_checkpoint_fails_before_work(tmp_path):
