@@ -44,6 +44,14 @@ complete, correct pixels of the new content are visible; a re-run finishes it (n
 no skip). Publishing the same content again is a no-op. Quantisation is
 :mod:`tessera_model.quantise` (section 4); this module does no arithmetic on the values.
 
+Determinism: the published bytes are a function of the input embeddings, the model version
+and the publish config only. No wall-clock time, host name, random id or machine path is
+written under the output root: records hold content hashes and grid offsets, Zarr metadata
+holds constants and the grid. When a tile was published (and into which output root) is
+provenance, written beside the work root's commit markers instead:
+``{work_uri}/provenance/{year}/tiles/{tile_id}.json`` (:data:`PROVENANCE_DIR`). Leases (which do
+carry times and random ids) are deleted when released, so none remain after a publish.
+
 Concurrency: writers take a lease in ``{year}.zarr/.tessera/locks/{group}/`` (write a lease
 object, then list; :class:`ZoneLease`). Publishers hold shared leases (different tiles own
 different shards, so they write in parallel); creating, growing or re-keying a zone takes an
@@ -81,11 +89,14 @@ from tasks.storage import content_key, get_fs, join, write_bytes_atomic, zarr_st
 __all__ = [
     "DATASET_VERSION",
     "N_BANDS",
+    "PROVENANCE_DIR",
     "ZoneExtent",
     "ZoneLease",
     "dequantise_zone",
+    "grid_mapping_attrs",
     "open_zone",
     "prepare_zone_stores",
+    "provenance_uri",
     "publish_tile",
     "read_tile_record",
     "refresh_n_tiles",
@@ -106,6 +117,8 @@ RECORDS_DIR = ".tessera/tiles"
 """Per-tile commit records, relative to the year store."""
 LOCKS_DIR = ".tessera/locks"
 """Writer leases, one folder per zone group, relative to the year store."""
+PROVENANCE_DIR = "provenance"
+"""Publication times per tile, relative to the WORK root (never published)."""
 GROW_DIR = ".tessera/grow"
 """Journals and staged shards of origin moves, relative to the year store."""
 DATA_ARRAYS = ("embeddings", "rgb", "scales")
@@ -298,16 +311,34 @@ def _zone_attrs(
     }
 
 
-def _grid_mapping_attrs(ext: ZoneExtent) -> dict[str, Any]:
-    """CF grid mapping of ``spatial_ref`` (what xarray/rioxarray read for CRS and transform)."""
-    crs = CRS.from_epsg(ext.epsg)
+def grid_mapping_attrs(crs: CRS, transform: Sequence[float] | None = None) -> dict[str, Any]:
+    """CF grid-mapping attributes of a ``spatial_ref`` variable for a CRS.
+
+    What rioxarray's ``write_crs`` writes and reads back (``crs_wkt``, ``spatial_ref`` and the
+    CF parameters), so ``.rio.crs`` works on any array whose ``grid_mapping`` names it,
+    without this module importing rioxarray.
+
+    Args:
+        crs: The coordinate reference system.
+        transform: Optional ``spatial:transform`` [a, b, c, d, e, f]; written as GDAL's
+            ``GeoTransform`` (c a b f d e) so readers need not infer it from coordinates.
+
+    Returns:
+        The attributes, in a fixed order (deterministic metadata bytes).
+    """
     attrs: dict[str, Any] = dict(crs.to_cf())
     wkt = crs.to_wkt()
     attrs["crs_wkt"] = wkt
     attrs["spatial_ref"] = wkt
-    a, b, c, d, e, f = ext.transform
-    attrs["GeoTransform"] = f"{c!r} {a!r} {b!r} {f!r} {d!r} {e!r}"  # GDAL order
+    if transform is not None:
+        a, b, c, d, e, f = transform
+        attrs["GeoTransform"] = f"{c!r} {a!r} {b!r} {f!r} {d!r} {e!r}"  # GDAL order
     return attrs
+
+
+def _grid_mapping_attrs(ext: ZoneExtent) -> dict[str, Any]:
+    """CF grid mapping of a zone's ``spatial_ref`` (CRS and transform)."""
+    return grid_mapping_attrs(CRS.from_epsg(ext.epsg), ext.transform)
 
 
 def _open_root(store_uri: str, storage: StorageConfig, mode: str = "r+") -> zarr.Group | None:
@@ -836,6 +867,16 @@ def _record_uri(store_uri: str, tile: Tile) -> str:
     return join(store_uri, RECORDS_DIR, f"{tile.id}.json")
 
 
+def provenance_uri(work_uri: str, year: int, tile: Tile) -> str:
+    """Where :func:`publish_tile` notes when (and into which output root) it wrote a tile.
+
+    ``{work_uri}/provenance/{year}/tiles/{tile_id}.json``: in the work root, beside the
+    stages' commit markers, because a wall-clock time in the published bytes would make two
+    identical builds differ.
+    """
+    return join(work_uri, PROVENANCE_DIR, str(year), "tiles", f"{tile.id}.json")
+
+
 def read_tile_record(
     output_uri: str, year: int, tile: Tile, storage: StorageConfig
 ) -> dict[str, Any] | None:
@@ -880,9 +921,11 @@ def publish_tile(
     :class:`ZoneLease`: retract, write every int8 embedding block (a shard row, at most 4
     shards wide, so input memory is bounded by the block), then the whole tile's scales (the
     commit; a pixel is visible only once its scale is written), then the record. A publish
-    that dies before its scales leaves the tile absent, and a re-run completes it. A tile already published with the same content (SHA-256 of the
-    float input), model version and format is skipped; different content replaces it cleanly
-    (the record and the scales are retracted first).
+    that dies before its scales leaves the tile absent, and a re-run completes it. A tile
+    already published with the same content (SHA-256 of the float input), model version and
+    format is skipped; different content replaces it cleanly (the record and the scales are
+    retracted first). The record holds no time or path (same input, same bytes); the time
+    of publication goes to :func:`provenance_uri` in the work root.
 
     Args:
         emb: Reference to a Zarr group with ``embedding`` float32 (H, W, B), NaN rows = no
@@ -977,12 +1020,24 @@ def publish_tile(
             "source_key": emb.key,
             "n_valid": n_valid,
             "n_nodata": tile.height * tile.width - n_valid,
-            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_bytes_atomic(
             record_uri, json.dumps(record, sort_keys=True, indent=1).encode(), storage
         )
         _converge_n_tiles(store_uri, where, ext, storage)
+    provenance = {
+        "tile_id": tile.id,
+        "year": year,
+        "output_uri": storage.output_uri,
+        "publish_key": key,
+        "content_sha256": sha,
+        "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time())),
+    }
+    write_bytes_atomic(
+        provenance_uri(storage.work_uri, year, tile),
+        json.dumps(provenance, sort_keys=True, indent=1).encode(),
+        storage,
+    )
     return ref
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from tasks.publish import (
     dequantise_zone,
     open_zone,
     prepare_zone_stores,
+    provenance_uri,
     publish_tile,
     read_tile_record,
     refresh_n_tiles,
@@ -226,6 +228,27 @@ def test_republish_same_is_skipped_and_new_content_replaces(tmp_path: Path) -> N
     assert ds.attrs["tessera:n_tiles"] == 1
 
 
+def test_record_has_no_time_and_provenance_goes_to_work_root(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    prepare_zone_stores([T_A], YEAR, CFG, storage, MODEL)
+    e = _embedding(T_A, seed=1)
+    publish_tile(_write_emb(tmp_path, T_A, e, "a"), YEAR, CFG, storage, MODEL)
+    rec = read_tile_record(storage.output_uri, YEAR, T_A, storage)
+    assert rec is not None and "published_at" not in rec
+    assert str(tmp_path) not in json.dumps(rec)
+    prov_path = Path(provenance_uri(storage.work_uri, YEAR, T_A))
+    assert prov_path.is_relative_to(tmp_path / "work")
+    prov = json.loads(prov_path.read_text())
+    assert prov["publish_key"] == rec["publish_key"] and prov["output_uri"] == storage.output_uri
+    assert prov["published_at"].startswith(str(time.gmtime().tm_year))
+    # a skipped re-publish wrote nothing, so it leaves the first time in place
+    prov_path.write_text(json.dumps({**prov, "published_at": "2000-01-01T00:00:00Z"}))
+    assert publish_tile(_write_emb(tmp_path, T_A, e, "b"), YEAR, CFG, storage, MODEL).skipped
+    assert json.loads(prov_path.read_text())["published_at"] == "2000-01-01T00:00:00Z"
+    locks = tmp_path / "out" / f"{YEAR}.zarr" / ".tessera" / "locks"
+    assert [p for p in locks.rglob("*") if p.is_file()] == []
+
+
 def test_model_version_mismatch_refused(tmp_path: Path) -> None:
     storage = _storage(tmp_path)
     prepare_zone_stores([T_A], YEAR, CFG, storage, MODEL)
@@ -276,18 +299,8 @@ def test_south_zone_group(tmp_path: Path) -> None:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    """Files under a store; tile records without their publication time."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if not p.is_file():
-            continue
-        data = p.read_bytes()
-        if "/.tessera/tiles/" in p.as_posix():
-            rec = json.loads(data)
-            rec.pop("published_at")
-            data = json.dumps(rec, sort_keys=True).encode()
-        out[p.relative_to(root).as_posix()] = data
-    return out
+    """Every file under a store, tile records included, as raw bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def test_bytes_deterministic_across_outputs_and_tile_order(tmp_path: Path) -> None:
