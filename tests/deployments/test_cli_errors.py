@@ -242,3 +242,39 @@ def test_cli_defaults_do_not_override_the_user(monkeypatch: pytest.MonkeyPatch,
     capsys.readouterr()
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
+
+
+def test_cli_defaults_are_real_prefect_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names in CLI_PREFECT_DEFAULTS are Prefect settings (a typo would silently do nothing)."""
+    from prefect.settings import Settings
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "123")
+    s = Settings()
+    assert s.server.analytics_enabled is False
+    assert s.server.ephemeral.startup_timeout_seconds == 123
+    assert set(cli.CLI_PREFECT_DEFAULTS) == {"PREFECT_SERVER_ANALYTICS_ENABLED",
+                                             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+
+
+def test_published_seconds_are_the_command_wall_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A cached run reports the command's own wall time, not the flow's (which skips work)."""
+    import time
+
+    import flows.build
+    from flows.build import BuildResult
+
+    def cached_build(config: object) -> BuildResult:
+        time.sleep(2.2)  # the server start, flow set-up and cache look-ups a real run spends
+        return BuildResult(store_uri="x/2024.zarr", groups=["utm31"], tiles=["t"],
+                           model_version="m", n_valid_pixels=1, seconds=0.01)
+
+    monkeypatch.setattr(cli, "ensure_prefect_api", lambda: None)
+    monkeypatch.setattr(flows.build, "build_region", cached_build)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo"]) == 0
+    import re
+
+    m = re.search(r"Published 1 pixels of 1 tile\(s\) in (\d+) s\.", capsys.readouterr().out)
+    assert m is not None and 2 <= int(m.group(1)) <= 30  # not the flow's 0.01 s
