@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 import rioxarray  # noqa: F401  (registers .rio)
 import xarray as xr
-from pydantic import SecretStr
 
 from tasks.config import StorageConfig
 from tasks.errors import StorageError
@@ -138,30 +138,95 @@ def test_s3_zone_grows_west_north_by_server_side_shard_moves(s3_endpoint: str, t
     assert rec is not None and (rec["row_offset"], rec["col_offset"]) == (256, 256)
 
 
-def test_secrets_from_config_are_used_and_never_shown(s3_endpoint: str, tmp_path) -> None:
-    storage = StorageConfig(
-        output_uri="s3://no-such-bucket/out",
-        s3_endpoint_url=s3_endpoint,
-        s3_access_key_id=SecretStr(KEY),
-        s3_secret_access_key=SecretStr(SECRET),
-    )
-    assert SECRET not in repr(storage) and SECRET not in storage.model_dump_json()
-    opts = storage_options(storage.output_uri, storage)
-    assert opts["secret"] == SECRET and opts["config_kwargs"]["retries"]["mode"] == "standard"
-    with pytest.raises(Exception) as err:
-        prepare_zone_stores([T_A], YEAR, CFG, storage, MODEL)
-    assert SECRET not in str(err.value) and KEY not in str(err.value)
-    assert redact(f"boom {SECRET} and {KEY}", storage) == "boom *** and ***"
+BLOCK_KEY, BLOCK_SECRET = "AKIABLOCKTESTKEY0002", "block/secret+Value=Never-Shown-456"
+
+
+def test_secrets_from_a_block_are_used_and_never_shown(
+    s3_endpoint: str, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Credentials named by ``storage.s3_credentials_block`` are resolved at run time, sign the
+    requests (the proxy sees their key id, not the environment's), and appear in no config,
+    repr, error or log."""
+    import tasks.credentials as credentials
+    from tests.s3support import FaultProxy
+
+    loads: list[tuple[str, str]] = []
+
+    def block_data(slug: str, name: str) -> dict[str, str]:
+        loads.append((slug, name))
+        return {"value": json.dumps({"access_key_id": BLOCK_KEY, "secret_access_key": BLOCK_SECRET})}
+
+    monkeypatch.setattr(credentials, "_prefect_block_data", block_data)
+    monkeypatch.setattr(credentials, "_cache", {})
+    caplog.set_level(logging.DEBUG, logger="tasks")
+    with FaultProxy(s3_endpoint) as proxy:
+        storage = StorageConfig(output_uri=f"s3://{BUCKET}/from-block", work_uri=str(tmp_path / "work"),
+                                s3_endpoint_url=proxy.url, s3_credentials_block="secret/s3-test")
+        shown = repr(storage) + storage.model_dump_json() + str(storage)
+        assert BLOCK_SECRET not in shown and BLOCK_KEY not in shown
+        opts = storage_options(storage.output_uri, storage)
+        assert (opts["key"], opts["secret"]) == (BLOCK_KEY, BLOCK_SECRET)
+        assert opts["config_kwargs"]["retries"]["mode"] == "standard"
+        assert loads == [("secret", "s3-test")]
+        assert prepare_zone_stores([T_A], YEAR, CFG, storage, MODEL) == ["utm31"]
+        assert loads == [("secret", "s3-test")]  # cached in this process, not re-read
+        assert proxy.key_ids == {BLOCK_KEY}  # every request signed with the block's key
+
+        bad = storage.model_copy(update={"output_uri": "s3://no-such-bucket/out"})
+        with pytest.raises(Exception) as err:
+            prepare_zone_stores([T_A], YEAR, CFG, bad, MODEL)
+    text = f"{err.value!r} {err.value} {err.getrepr()}"
+    assert BLOCK_SECRET not in text and BLOCK_KEY not in text
+    assert redact(f"boom {BLOCK_SECRET} and {BLOCK_KEY}", storage) == "boom *** and ***"
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name != "werkzeug")
+    assert BLOCK_SECRET not in ours and BLOCK_KEY not in ours
+
+
+def test_a_block_that_cannot_be_read_names_the_field_not_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.credentials as credentials
+    from tasks.errors import ConfigError
+
+    def broken(slug: str, name: str) -> dict[str, str]:
+        raise RuntimeError(f"server said: {BLOCK_SECRET}")
+
+    monkeypatch.setattr(credentials, "_prefect_block_data", broken)
+    monkeypatch.setattr(credentials, "_cache", {})
+    storage = StorageConfig(output_uri="s3://some-bucket/out", s3_credentials_block="secret/missing")
+    with pytest.raises(ConfigError, match="s3_credentials_block") as err:
+        storage_options(storage.output_uri, storage)
+    assert BLOCK_SECRET not in str(err.value)
+
+    monkeypatch.setattr(credentials, "_prefect_block_data",
+                        lambda slug, name: {"value": json.dumps({"access_key_id": BLOCK_KEY})})
+    with pytest.raises(ConfigError, match="secret_access_key") as err:
+        storage_options(storage.output_uri, storage)
+    assert BLOCK_KEY not in str(err.value)
+
+
+def _client_error(code: str, status: int, op: str = "PutObject") -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, op)
 
 
 def test_transient_errors_are_retried_and_others_are_not() -> None:
+    """Judged from botocore's error codes and exception types, never from message text."""
+    import errno
+
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
     calls: list[int] = []
     sleeps: list[float] = []
 
     def flaky() -> str:
         calls.append(1)
         if len(calls) < 3:
-            raise OSError("An error occurred (SlowDown) when calling the PutObject operation")
+            raise _client_error("SlowDown", 503)
         return "ok"
 
     assert with_retries(flaky, sleep=sleeps.append) == "ok"
@@ -175,5 +240,47 @@ def test_transient_errors_are_retried_and_others_are_not() -> None:
     with pytest.raises(FileNotFoundError):
         with_retries(missing, sleep=sleeps.append)
     assert len(calls) == 1
-    assert is_transient(ConnectionResetError()) and is_transient(OSError("503 Service Unavailable"))
+
+    def always_throttled() -> None:
+        calls.append(1)
+        raise _client_error("SlowDown", 503)
+
+    calls.clear()
+    sleeps.clear()
+    with pytest.raises(Exception, match="SlowDown"):
+        with_retries(always_throttled, sleep=sleeps.append)
+    assert len(calls) == 4 and sleeps == [0.5, 2.0, 8.0]
+
+    # transient: throttling and 5xx codes, a bare 503 status, dropped connections, timeouts
+    assert is_transient(_client_error("SlowDown", 503))
+    assert is_transient(_client_error("InternalError", 500))
+    assert is_transient(_client_error("", 503))
+    assert is_transient(ConnectionResetError())
+    assert is_transient(ConnectionClosedError(endpoint_url="http://127.0.0.1:1/b/k"))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_transient(ReadTimeoutError(endpoint_url="http://127.0.0.1:1/b/k"))
+    try:  # s3fs wraps botocore's error in an OSError: the cause chain is followed
+        try:
+            raise _client_error("SlowDown", 503)
+        except Exception as inner:
+            raise OSError(errno.EIO, "Please reduce your request rate.") from inner
+    except OSError as wrapped:
+        assert is_transient(wrapped)
+
+    # not transient: missing, forbidden, bad requests, our own data errors
+    assert not is_transient(_client_error("NoSuchKey", 404, "GetObject"))
+    assert not is_transient(_client_error("AccessDenied", 403))
+    assert not is_transient(_client_error("InvalidBucketName", 400, "CreateBucket"))
     assert not is_transient(StorageError("Expected a zone group. Got none."))
+    # a message's text never decides: "500" inside a tile id, "503" in prose
+    assert not is_transient(OSError(errno.ENOSPC, "No space left on device: "
+                                    "embeddings/31N-E0500000-N5005000-256.zarr"))
+    assert not is_transient(StorageError("tile 31N-E0302080-N5005000-256: HTTP 500 in the id"))
+    assert not is_transient(OSError("503 Service Unavailable"))
+    try:  # a wrapped permanent error stays permanent
+        try:
+            raise _client_error("AccessDenied", 403)
+        except Exception as inner:
+            raise OSError(errno.EACCES, "denied: tile 31N-E0500000-N5005000-256") from inner
+    except OSError as wrapped:
+        assert not is_transient(wrapped)
