@@ -10,6 +10,8 @@ floor(v * 10) / 10 + 0.05, and written in its native UTM zone (the zone of its c
     global_0.1_degree_tiff_all/grid_X_Y.tiff     landmask uint8 (H, W): CRS + north-up transform
     registry/manifest.parquet                    geotessera's columns (MANIFEST_COLUMNS)
     registry/landmasks.parquet                   so an offline reader does not try to download
+                                                 (LANDMASK_COLUMNS; without them geotessera
+                                                 warns and ignores the file)
 
 No-data (NaN scale in the store, or outside the zone grid) is written as q = 0 and s = 0, as
 npy tiles carry it. A cell is exported when it holds at least one valid pixel. Read offline
@@ -19,6 +21,7 @@ embeddings_dir=dest_uri, registry_dir=dest_uri + "/registry")``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import time
@@ -35,22 +38,46 @@ from tasks.grid import PIXEL_M, zone_of_lon
 from tasks.reader import zone_groups
 from tasks.storage import join, write_bytes_atomic, zarr_store
 
-__all__ = ["MANIFEST_COLUMNS", "GeoTesseraRef", "cell_name", "export_geotessera"]
-
-MANIFEST_COLUMNS = [
-    "version",
-    "variant",
-    "lon",
-    "lat",
-    "year",
-    "grid_size",
-    "scales_size",
-    "grid_path",
-    "scales_path",
-    "grid_mtime",
-    "scales_mtime",
+__all__ = [
+    "LANDMASK_COLUMNS",
+    "MANIFEST_COLUMNS",
+    "GeoTesseraRef",
+    "cell_name",
+    "export_geotessera",
 ]
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("version", pa.string()),
+        ("variant", pa.string()),
+        ("lon", pa.float64()),
+        ("lat", pa.float64()),
+        ("year", pa.int64()),
+        ("grid_size", pa.int64()),
+        ("scales_size", pa.int64()),
+        ("grid_path", pa.string()),
+        ("scales_path", pa.string()),
+        ("grid_mtime", pa.float64()),
+        ("scales_mtime", pa.float64()),
+    ]
+)
+MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
 """geotessera 0.11's manifest.parquet columns, in its order."""
+LANDMASK_SCHEMA = pa.schema(
+    [
+        ("lat", pa.float64()),
+        ("lon", pa.float64()),
+        ("hash", pa.string()),
+        ("file_size", pa.int64()),
+        ("lon_i", pa.int32()),
+        ("lat_i", pa.int32()),
+    ]
+)
+"""geotessera's ``landmasks.parquet`` (what ``geotessera-registry`` writes, without its point
+geometry): the reader requires ``lat``, ``lon`` and ``file_size`` (bytes of the GeoTIFF) and
+looks rows up by ``lon_i``/``lat_i`` = round(100 * lon/lat) (derived when absent, written
+here as it writes them); ``hash`` is the SHA-256 of the GeoTIFF. Rows sorted by lat, lon."""
+LANDMASK_COLUMNS = LANDMASK_SCHEMA.names
 GEOTESSERA_VERSION = "1.0"
 """``version`` column: geotessera accepts "1.0" or "1.1", never "v1"."""
 CELL_DEG = 0.1
@@ -180,41 +207,26 @@ def export_geotessera(
                 "scales_path": scales_rel,
                 "grid_mtime": now,
                 "scales_mtime": now,
-                "_tiff": (tiff_rel, len(tiff_b)),
+                "_tiff": tiff_b,
             }
         )
         written.append(cell)
     manifest = pa.Table.from_pylist(
-        [{k: r[k] for k in MANIFEST_COLUMNS} for r in rows],
-        schema=pa.schema(
-            [
-                ("version", pa.string()),
-                ("variant", pa.string()),
-                ("lon", pa.float64()),
-                ("lat", pa.float64()),
-                ("year", pa.int64()),
-                ("grid_size", pa.int64()),
-                ("scales_size", pa.int64()),
-                ("grid_path", pa.string()),
-                ("scales_path", pa.string()),
-                ("grid_mtime", pa.float64()),
-                ("scales_mtime", pa.float64()),
-            ]
-        ),
+        [{k: r[k] for k in MANIFEST_COLUMNS} for r in rows], schema=MANIFEST_SCHEMA
     )
     landmasks = pa.Table.from_pylist(
         [
-            {"lon": r["lon"], "lat": r["lat"], "path": r["_tiff"][0], "size": r["_tiff"][1]}
-            for r in rows
+            {
+                "lat": r["lat"],
+                "lon": r["lon"],
+                "hash": hashlib.sha256(r["_tiff"]).hexdigest(),
+                "file_size": len(r["_tiff"]),
+                "lon_i": round(r["lon"] * 100),
+                "lat_i": round(r["lat"] * 100),
+            }
+            for r in sorted(rows, key=lambda r: (r["lat"], r["lon"]))
         ],
-        schema=pa.schema(
-            [
-                ("lon", pa.float64()),
-                ("lat", pa.float64()),
-                ("path", pa.string()),
-                ("size", pa.int64()),
-            ]
-        ),
+        schema=LANDMASK_SCHEMA,
     )
     manifest_uri = join(dest_uri, "registry", "manifest.parquet")
     for uri, table in (

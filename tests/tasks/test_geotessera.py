@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import rasterio
 import zarr
 from pyproj import Transformer
 
-from tasks.geotessera import MANIFEST_COLUMNS, cell_name, export_geotessera
+from tasks.geotessera import LANDMASK_COLUMNS, MANIFEST_COLUMNS, cell_name, export_geotessera
+from tasks.grid import Tile
 from tasks.publish import prepare_zone_stores, publish_tile
 from tests.tasks.test_publish import CFG, MODEL, T_A, YEAR, _embedding, _storage, _write_emb
 
@@ -65,4 +67,47 @@ def test_export_layout_shapes_dtypes_crs_manifest(tmp_path: Path) -> None:
     assert (round(row["lon"] * 100), round(row["lat"] * 100)) == (15, 5215)
     assert row["grid_size"] == (cell / "grid_0.15_52.15.npy").stat().st_size
     assert (Path(dest) / row["scales_path"]).exists() and (Path(dest) / row["grid_path"]).exists()
-    assert (Path(dest) / "registry" / "landmasks.parquet").exists()
+    _check_landmask_registry(Path(dest), "grid_0.15_52.15", (15, 5215))
+
+
+def _check_landmask_registry(dest: Path, cell: str, key: tuple[int, int]) -> None:
+    """landmasks.parquet as geotessera 0.11's registry reader takes it.
+
+    Its reader (``Registry._load_landmasks_registry``) requires the columns lat, lon and
+    file_size (else it warns and drops the whole file), indexes rows by (lon_i, lat_i) =
+    round(100 * lon/lat) and reads ``int(row["file_size"])`` as the GeoTIFF's size.
+    """
+    table = pq.read_table(dest / "registry" / "landmasks.parquet")
+    assert table.column_names == LANDMASK_COLUMNS
+    assert {"lat", "lon", "file_size"} <= set(table.column_names)
+    types = {f.name: str(f.type) for f in table.schema}
+    assert types == {
+        "lat": "double",
+        "lon": "double",
+        "hash": "string",
+        "file_size": "int64",
+        "lon_i": "int32",
+        "lat_i": "int32",
+    }
+    df = table.to_pandas().set_index(["lon_i", "lat_i"])
+    row = df.loc[key]
+    tiff = dest / "global_0.1_degree_tiff_all" / f"{cell}.tiff"
+    assert int(row["file_size"]) == tiff.stat().st_size
+    assert row["hash"] == hashlib.sha256(tiff.read_bytes()).hexdigest()
+    assert (round(row["lon"] * 100), round(row["lat"] * 100)) == key
+
+
+def test_landmask_registry_rows_sorted_and_one_per_cell(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    far = Tile(zone=31, south=False, x0=T_A.x0 + 10 * 2560, y0=T_A.y0 - 10 * 2560, size_px=256)
+    prepare_zone_stores([T_A, far], YEAR, CFG, storage, MODEL)
+    for t, seed in ((T_A, 1), (far, 2)):
+        publish_tile(_write_emb(tmp_path, t, _embedding(t, seed)), YEAR, CFG, storage, MODEL)
+    dest = tmp_path / "gt"
+    ref = export_geotessera(storage.output_uri, YEAR, str(dest), storage, variant="test")
+    assert len(ref.cells) >= 2
+    rows = pq.read_table(dest / "registry" / "landmasks.parquet").to_pylist()
+    assert [(r["lat"], r["lon"]) for r in rows] == sorted((r["lat"], r["lon"]) for r in rows)
+    assert sorted(cell_name(r["lon"], r["lat"]) for r in rows) == sorted(ref.cells)
+    for r in rows:
+        _check_landmask_registry(dest, cell_name(r["lon"], r["lat"]), (r["lon_i"], r["lat_i"]))
