@@ -122,7 +122,10 @@ def ensure_prefect_api(attempts: int = 2) -> None:
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
+    if settings.api.url:
+        _check_api(settings.api.url)
+        return
+    if not settings.server.ephemeral.enabled:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -142,12 +145,29 @@ def ensure_prefect_api(attempts: int = 2) -> None:
     )
 
 
+def _check_api(url: str) -> None:
+    """One health check of the Prefect API a user named, so an unreachable one ends in one
+    line rather than in a traceback from inside the flow."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        err = client.api_healthcheck()
+    if err is not None:
+        raise ServerStartError(
+            f"cannot reach the Prefect API at PREFECT_API_URL={url} ({type(err).__name__}). "
+            "Start it with 'tessera server' (or 'prefect server start'), or unset "
+            "PREFECT_API_URL to let this command start a temporary one"
+        )
+
+
 def _run_build(cfg, t0: float) -> int:  # noqa: ANN001
     """Check everything a stat or HEAD can check, start the Prefect API, read credential
     blocks once, then run the build flow and print where the output is."""
     from tasks.preflight import check_credential_blocks, local_checks
+    from tasks.stop import install_stop_handlers
     from tasks.storage import normalise
 
+    install_stop_handlers()  # Ctrl-C / SIGTERM stop the build within seconds (tasks/stop.py)
     local_checks(cfg)  # before any server starts or folder is created
     ensure_prefect_api()
     check_credential_blocks(cfg)  # single-shot, needs the API

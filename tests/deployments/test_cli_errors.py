@@ -278,3 +278,16 @@ def test_published_seconds_are_the_command_wall_time(tmp_path: Path, monkeypatch
 
     m = re.search(r"Published 1 pixels of 1 tile\(s\) in (\d+) s\.", capsys.readouterr().out)
     assert m is not None and 2 <= int(m.group(1)) <= 30  # not the flow's 0.01 s
+
+
+def test_unreachable_api_ends_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """PREFECT_API_URL naming a server that is not there: one line, exit 3, nothing written."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.chdir(tmp_path)
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert cli.main(["demo"]) == cli.EXIT_NO_SERVER
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PREFECT_API_URL" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
