@@ -5,7 +5,7 @@ only the inner 64 x 64 chunks it touches, by byte range on S3) and dequantises a
 ``q * scale`` with :func:`tessera_model.quantise.dequantise`; a NaN scale (no data, or a tile
 not yet committed) reads as NaN. Regions are lon/lat boxes ``(west, south, east, north)``.
 
-- :func:`open_region`: float32 DataArray ``(y, x, band)`` with a CRS (rioxarray): one UTM
+- :func:`open_region`: float32 DataArray ``(y, x, band)`` with a CRS: one UTM
   zone natively (its own 10 m grid, no resampling), or several zones reprojected (nearest
   neighbour, never blending embeddings) onto one grid in a chosen CRS.
 - :func:`pixel_vector`: one pixel's 128-d vector by lon/lat.
@@ -13,6 +13,12 @@ not yet committed) reads as NaN. Regions are lon/lat boxes ``(west, south, east,
   pixels), computed shard window by shard window so memory stays bounded by one window.
 
 A box that misses every published zone gives an empty (0 x 0) result, not a Zarr error.
+
+CRS: results carry it the CF way, a ``spatial_ref`` coordinate with ``crs_wkt`` and the CF
+grid-mapping parameters, named by ``grid_mapping`` in the encoding. That is what rioxarray's
+``write_crs`` writes and what its ``.rio`` accessor reads, so ``da.rio.crs`` and
+``da.rio.transform()`` work wherever rioxarray is installed, while this module does not
+import it (it is an optional, reader-side dependency).
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 from pyproj import CRS, Transformer
@@ -30,7 +35,7 @@ from pyproj import CRS, Transformer
 from tasks.config import StorageConfig
 from tasks.errors import DataError
 from tasks.grid import PIXEL_M, SHARD_PX, zone_of_lon
-from tasks.publish import ZoneExtent, year_store_uri
+from tasks.publish import ZoneExtent, grid_mapping_attrs, year_store_uri
 from tasks.storage import zarr_store
 from tessera_model.quantise import dequantise
 
@@ -132,6 +137,13 @@ def _read(group: zarr.Group, w: Window) -> np.ndarray:
     return dequantise(q, s)
 
 
+def _with_crs(da: xr.DataArray, crs: CRS) -> xr.DataArray:
+    """``da`` with its CRS as a CF ``spatial_ref`` coordinate (what rioxarray reads)."""
+    out = da.assign_coords(spatial_ref=xr.Variable((), 0, attrs=grid_mapping_attrs(crs)))
+    out.encoding["grid_mapping"] = "spatial_ref"
+    return out
+
+
 def _check_bbox(bbox: BBox) -> None:
     west, south, east, north = bbox
     if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
@@ -148,7 +160,7 @@ def _empty(n_bands: int, crs: CRS | None) -> xr.DataArray:
         coords={"y": np.zeros(0), "x": np.zeros(0), "band": np.arange(n_bands, dtype=np.int32)},
         name="embedding",
     )
-    return da.rio.write_crs(crs) if crs is not None else da
+    return _with_crs(da, crs) if crs is not None else da
 
 
 def _windows(
@@ -209,7 +221,7 @@ def _as_da(values: np.ndarray, ys: np.ndarray, xs: np.ndarray, crs: CRS) -> xr.D
         coords={"y": ys, "x": xs, "band": np.arange(values.shape[-1], dtype=np.int32)},
         name="embedding",
     )
-    return da.rio.write_crs(crs)
+    return _with_crs(da, crs)
 
 
 def _reproject(
@@ -338,7 +350,7 @@ def similarity_map(
         da = xr.DataArray(
             m, dims=("y", "x"), coords={"y": w.northings(), "x": w.eastings()}, name="similarity"
         )
-        return da.rio.write_crs(target)
+        return _with_crs(da, target)
     return _reproject_maps(maps, bbox, target)
 
 
@@ -378,4 +390,4 @@ def _reproject_maps(
     xs = x_min + res * (np.arange(width) + 0.5)
     ys = y_max - res * (np.arange(height) + 0.5)
     da = xr.DataArray(out, dims=("y", "x"), coords={"y": ys, "x": xs}, name="similarity")
-    return da.rio.write_crs(target)
+    return _with_crs(da, target)

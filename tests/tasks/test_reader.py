@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import rioxarray  # noqa: F401  (the .rio accessor; a dev dependency, tasks.reader needs none)
 import zarr
 from pyproj import Transformer
 
@@ -126,3 +132,43 @@ def test_two_zones_reprojected_to_one_crs(store: StorageConfig) -> None:
         np.testing.assert_array_equal(px.values, want)
     sim = similarity_map(store.output_uri, YEAR, bbox, store, query=want, crs=4326)
     assert sim.rio.crs.to_epsg() == 4326 and np.nanmax(sim.values) == pytest.approx(1.0, abs=1e-5)
+
+
+_NO_RIOXARRAY = """
+import json, sys
+sys.modules["rioxarray"] = None  # any import of it now raises ImportError
+from pyproj import CRS
+from tasks.config import StorageConfig
+from tasks.reader import open_region
+out = sys.argv[1]
+da = open_region(out, int(sys.argv[2]), tuple(map(float, sys.argv[3:7])), StorageConfig(output_uri=out))
+ref = da.coords["spatial_ref"]
+print(json.dumps({
+    "epsg": CRS.from_wkt(ref.attrs["crs_wkt"]).to_epsg(),
+    "grid_mapping": da.encoding["grid_mapping"],
+    "shape": list(da.shape),
+    "rioxarray_loaded": sys.modules.get("rioxarray") is not None,
+}))
+"""
+
+
+def test_reader_works_without_rioxarray(store: StorageConfig) -> None:
+    w, s = _lonlat(32631, T_A.x0 + 1000, T_A.y0 - 2000)
+    e, n = _lonlat(32631, T_A.x0 + 2000, T_A.y0 - 1000)
+    args = [store.output_uri, str(YEAR), *(repr(v) for v in (w, s, e, n))]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_RIOXARRAY, *args],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["epsg"] == 32631 and got["grid_mapping"] == "spatial_ref"
+    assert got["shape"][2] == 128 and not got["rioxarray_loaded"]
+    # the same CF coordinate is what rioxarray reads, where it is installed
+    da = open_region(store.output_uri, YEAR, (w, s, e, n), store)
+    assert da.rio.crs.to_epsg() == 32631
