@@ -123,8 +123,9 @@ GROW_DIR = ".tessera/grow"
 """Journals and staged shards of origin moves, relative to the year store."""
 DATA_ARRAYS = ("embeddings", "rgb", "scales")
 """Sharded arrays of a zone group; ``scales`` is last on purpose (it commits pixels)."""
-PUBLISH_FORMAT = 1
-"""Bump when the bytes written for the same input change; part of the skip key."""
+PUBLISH_FORMAT = 2
+"""Bump when the bytes written for the same input change; part of the skip key.
+2: tile records without ``published_at``/``source_key`` (now in the work root's provenance)."""
 
 #: The ``zarr_conventions`` registry of a year store and its zone groups (convention v1).
 ZARR_CONVENTIONS: list[dict[str, str]] = [
@@ -924,8 +925,9 @@ def publish_tile(
     that dies before its scales leaves the tile absent, and a re-run completes it. A tile
     already published with the same content (SHA-256 of the float input), model version and
     format is skipped; different content replaces it cleanly (the record and the scales are
-    retracted first). The record holds no time or path (same input, same bytes); the time
-    of publication goes to :func:`provenance_uri` in the work root.
+    retracted first). The record holds no time, path or cache key (same input, same bytes);
+    when, where to and from which work-root embedding a tile was published goes to
+    :func:`provenance_uri` in the work root.
 
     Args:
         emb: Reference to a Zarr group with ``embedding`` float32 (H, W, B), NaN rows = no
@@ -1017,7 +1019,6 @@ def publish_tile(
             "publish_key": key,
             "publish_format": PUBLISH_FORMAT,
             "model_version": model_version,
-            "source_key": emb.key,
             "n_valid": n_valid,
             "n_nodata": tile.height * tile.width - n_valid,
         }
@@ -1031,6 +1032,8 @@ def publish_tile(
         "output_uri": storage.output_uri,
         "publish_key": key,
         "content_sha256": sha,
+        "source_key": emb.key,
+        "source_uri": emb.uri,
         "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time())),
     }
     write_bytes_atomic(

@@ -232,14 +232,16 @@ def test_record_has_no_time_and_provenance_goes_to_work_root(tmp_path: Path) -> 
     storage = _storage(tmp_path)
     prepare_zone_stores([T_A], YEAR, CFG, storage, MODEL)
     e = _embedding(T_A, seed=1)
-    publish_tile(_write_emb(tmp_path, T_A, e, "a"), YEAR, CFG, storage, MODEL)
+    emb = _write_emb(tmp_path, T_A, e, "a")
+    publish_tile(emb, YEAR, CFG, storage, MODEL)
     rec = read_tile_record(storage.output_uri, YEAR, T_A, storage)
-    assert rec is not None and "published_at" not in rec
+    assert rec is not None and "published_at" not in rec and "source_key" not in rec
     assert str(tmp_path) not in json.dumps(rec)
     prov_path = Path(provenance_uri(storage.work_uri, YEAR, T_A))
     assert prov_path.is_relative_to(tmp_path / "work")
     prov = json.loads(prov_path.read_text())
     assert prov["publish_key"] == rec["publish_key"] and prov["output_uri"] == storage.output_uri
+    assert (prov["source_key"], prov["source_uri"]) == (emb.key, emb.uri)
     assert prov["published_at"].startswith(str(time.gmtime().tm_year))
     # a skipped re-publish wrote nothing, so it leaves the first time in place
     prov_path.write_text(json.dumps({**prov, "published_at": "2000-01-01T00:00:00Z"}))
