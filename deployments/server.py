@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 from flows.ops import BUILD_LIMIT
+from flows.runs import ensure_zombie_automation
 from tasks.prefect_tasks import GPU_LIMIT, SH_LIMIT
 
 
@@ -35,7 +36,9 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 90.
 
 
 def ensure_limits(gpu: int = 1, builds: int = 2, sentinelhub: int = 2) -> None:
-    """Create (or update) the ``gpu``, ``tessera-builds`` and ``sentinelhub`` limits."""
+    """Create (or update) the ``gpu``, ``tessera-builds`` and ``sentinelhub`` limits, and the
+    automation that crashes flow runs whose heartbeats stopped (:mod:`flows.runs`)."""
+    ensure_zombie_automation()
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import (
         GlobalConcurrencyLimitCreate,

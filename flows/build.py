@@ -21,12 +21,14 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from flows.runs import claim_current_run, crash_dead_runs
 from tasks import prefect_tasks as pt
 from tasks.config import BuildConfig, RunnerConfig
 from tasks.grid import Tile, plan_tiles
 from tasks.preflight import preflight
 from tasks.preview import preview_markdown
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
+from tasks.stop import install_stop_handlers
 from tasks.storage import join, normalise
 
 
@@ -88,7 +90,10 @@ def build_region(config: BuildConfig) -> BuildResult:
     Validates the config and probes storage before any work, then runs the stages on the
     task runner the config names (threads, processes or Dask).
     """
+    install_stop_handlers()  # SIGTERM from a runner's cancellation stops the tasks (tasks/stop.py)
     cfg = preflight(config)
+    claim_current_run()
+    crash_dead_runs()  # runs of killed builds do not stay RUNNING (flows/runs.py)
     stages = build_stages.with_options(task_runner=task_runner_for(cfg.runner))
     return stages(config=cfg)
 
@@ -102,6 +107,7 @@ def build_stages(config: BuildConfig) -> BuildResult:
     """The stages of one build, as tasks (see :func:`build_region`)."""
     t0 = time.perf_counter()
     log = get_run_logger()
+    claim_current_run()
     cfg = config
     st = cfg.storage
     tiles = plan(cfg)

@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from flows.build import BuildResult, build_region, plan, preflight
+from flows.runs import claim_current_run, crash_dead_runs
 from tasks import prefect_tasks as pt
 from tasks.config import (
     BuildConfig,
@@ -68,6 +69,8 @@ def backfill(regions: list[RegionConfig], years: list[int], base: dict[str, Any]
     Region-years already published with the same config and model are served from cache.
     """
     configs = region_year_configs(regions, years, base)
+    claim_current_run()
+    crash_dead_runs()
     for c in configs:
         preflight(c)
     log = get_run_logger()
@@ -95,6 +98,8 @@ def train_region(config: BuildConfig) -> CheckpointRef:
     limit while it runs.
     """
     cfg = preflight(config)
+    claim_current_run()
+    crash_dead_runs()
     st = cfg.storage
     results = pt.result_storage_for(st)
     dps = []
