@@ -42,6 +42,9 @@ CLI_PREFECT_DEFAULTS = {
     # Prefect's default of 20 s is not enough for a first start on a busy 2-core machine
     # (measured 60-140 s); the start is retried once on top (see ensure_prefect_api).
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # Flow-run heartbeats every 30 s (Prefect's minimum; its default is 180 s), so runs of
+    # killed processes are found within 90 s (flows/runs.py).
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
 }
 """Prefect settings for command-line runs; a value the user set in the environment wins."""
 
