@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -112,6 +111,39 @@ def should_retry(task: Any, task_run: Any, state: Any) -> bool:
         except Exception:  # an unreadable result: let Prefect's retries decide
             return True
     return not isinstance(exc, SentinelHubPermanentError | PUBudgetError)
+
+
+def _loopback_session_class() -> type:
+    """A SentinelHubSession for a plain-http token URL on loopback (the local endpoint).
+
+    oauthlib refuses plain http unless ``OAUTHLIB_INSECURE_TRANSPORT`` is set, and that
+    variable is process-wide: it would also allow http for every other OAuth client of the
+    process. This session asks the loopback token endpoint with a plain client-credentials
+    POST instead (the constructor refuses plain http anywhere but loopback), keeping
+    sentinelhub-py's retry and error handling around it.
+    """
+    import time
+
+    import requests
+    from sentinelhub import SentinelHubSession
+    from sentinelhub.download.handlers import fail_user_errors, retry_temporary_errors
+
+    class LoopbackSession(SentinelHubSession):
+        @retry_temporary_errors
+        @fail_user_errors
+        def _fetch_token(self, request: Any) -> dict[str, Any]:
+            resp = requests.post(
+                request.url, timeout=self.config.download_timeout_seconds,
+                data={"grant_type": "client_credentials", "client_id": self.config.sh_client_id,
+                      "client_secret": self.config.sh_client_secret},
+                headers=self.DEFAULT_HEADERS,
+            )
+            resp.raise_for_status()
+            token = resp.json()
+            token.setdefault("expires_at", time.time() + float(token.get("expires_in", 3600)))
+            return token
+
+    return LoopbackSession
 
 
 # --- credentials ------------------------------------------------------------------------------
@@ -304,7 +336,6 @@ class SentinelHubSource:
                     "source.sentinelhub.token_url",
                     f"expected an https:// token URL (plain http only on loopback). Got host {host!r}",
                 )
-            os.environ.setdefault("OAUTHLIB_INSECURE_TRANSPORT", "1")  # loopback only
         _guard_library_logs()
         sh = SHConfig(use_defaults=True)
         sh.sh_base_url = base_url
@@ -317,6 +348,7 @@ class SentinelHubSource:
         sh.max_retries = config.max_rate_limit_retries
         self._sh = sh
         self._base_url = base_url
+        self._loopback_token = token_url.startswith("http://")
         # A collection's own service_url wins over sh_base_url: redefine each on this endpoint.
         tag = hashlib.sha256(base_url.encode()).hexdigest()[:8]
         self._s2 = DataCollection.SENTINEL2_L2A.define_from(f"TESSERA_S2L2A_{tag}", service_url=base_url)
@@ -341,8 +373,9 @@ class SentinelHubSource:
 
         with self._lock:
             if self._session is None or stale_gen == self._session_gen:
+                cls = _loopback_session_class() if self._loopback_token else SentinelHubSession
                 try:
-                    self._session = SentinelHubSession(config=self._sh)
+                    self._session = cls(config=self._sh)
                 except Exception as exc:
                     raise self._wrap(exc, tile_id, "authentication") from None
                 self._session_gen += 1

@@ -145,6 +145,17 @@ def test_decode_rejects_truncated_and_corrupt():
         decode_tiff(body, 8, 8, 4, "uint16")
 
 
+def test_no_process_wide_insecure_transport(shub_endpoint, monkeypatch):
+    """Plain http to the loopback endpoint works without setting OAUTHLIB_INSECURE_TRANSPORT
+    for the whole process."""
+    monkeypatch.delenv("OAUTHLIB_INSECURE_TRANSPORT", raising=False)
+    src = SentinelHubSource(SentinelHubConfig(preset="custom", base_url=shub_endpoint.url), GOOD)
+    assert len(src.s2_dates(TILE, YEAR)) > 0
+    import os
+
+    assert "OAUTHLIB_INSECURE_TRANSPORT" not in os.environ
+
+
 def test_resolve_credentials_env_and_block():
     cfg = SentinelHubConfig(client_id_env="MY_ID", client_secret_env="MY_SECRET")
     c = resolve_credentials(cfg, environ={"MY_ID": "the-id", "MY_SECRET": "the-secret"})
@@ -307,10 +318,13 @@ def test_credentials_never_leak(shub_endpoint, tmp_path, caplog):
     assert "requests_oauthlib" not in caplog.text  # the library logs request bodies at DEBUG
 
 
-def test_tar_response_matches_real_framing(shub_endpoint):
+def test_tar_response_matches_real_framing(shub_endpoint, monkeypatch):
     """A two-output request comes back as a TAR that sentinelhub-py decodes, framed like the
     real response in shared/data/real."""
     from sentinelhub import CRS, BBox, MimeType, SentinelHubRequest
+
+    # sentinelhub-py's own session (not the factory's) needs oauthlib's switch for plain http
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
 
     src = SentinelHubSource(SentinelHubConfig(preset="custom", base_url=shub_endpoint.url), GOOD)
     from tasks.sources._sh_requests import S2_EVALSCRIPT
