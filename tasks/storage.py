@@ -255,35 +255,6 @@ def remove(uri: str, cfg: StorageConfig) -> None:
         fs.rm(path, recursive=True)
 
 
-def check_writable(uri: str, cfg: StorageConfig, field: str) -> None:
-    """Probe that a root URI can be written, raising a StorageError naming the config field."""
-    from tasks.errors import ConfigError
-
-    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
-    try:
-        fs, path = get_fs(probe, cfg)
-        if "://" not in uri:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fs.pipe_file(path, b"ok")
-        fs.rm(path)
-    except Exception as exc:
-        msg = f"cannot write to {uri!r} ({type(exc).__name__}: {exc})"
-        raise ConfigError(field, redact(msg, cfg)) from None
-
-
-def check_readable(uri: str, cfg: StorageConfig, field: str) -> None:
-    """Probe that a file URI exists, raising a ConfigError naming the config field."""
-    from tasks.errors import ConfigError
-
-    try:
-        fs, path = get_fs(uri, cfg)
-        ok = fs.isfile(path)
-    except Exception as exc:
-        raise ConfigError(field, f"cannot read {uri!r} ({type(exc).__name__}: {exc})") from None
-    if not ok:
-        raise ConfigError(field, f"expected an existing file. Got no file at {uri!r}")
-
-
 def content_key(*parts: Any) -> str:
     """A short, stable hash of JSON-able parts (pydantic models allowed)."""
     h = hashlib.sha256()
