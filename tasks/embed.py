@@ -14,11 +14,11 @@ overlapping regions compose in one store (a re-publish of the same tile is a no-
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import time
+from collections import OrderedDict
+from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 
@@ -26,15 +26,14 @@ from tasks.acquire import ORBITS
 from tasks.config import EmbeddingConfig, StorageConfig
 from tasks.grid import PIXEL_M, SHARD_PX, Tile, native_mask
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef
+from tasks.stop import check_stop
 from tasks.storage import (
     code_version,
+    commit_stage,
     content_key,
-    is_done,
+    get_fs,
     join,
-    mark_done,
     normalise,
-    remove,
-    storage_options,
     zarr_store,
 )
 from tessera_model import embed_pixels, load_model
@@ -58,15 +57,46 @@ def pixel_ids(tile: Tile, rows: slice, cols: slice) -> np.ndarray:
     return ((zone << np.uint64(40)) | (rr << np.uint64(20)) | cc).ravel()
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_model(uri: str, key: str, options: tuple, device: str):  # noqa: ANN202
-    with fsspec.open(uri, "rb", **dict(options)) as f:
-        model, spec = load_model(f)
-    import torch
+class _ModelCache:
+    """Loaded models of this process, keyed by (checkpoint URI, content key, device).
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    return model.to(dev).eval(), spec, dev
+    The content key is the hash of the checkpoint's bytes (a given checkpoint) or of what
+    trained it, so a checkpoint replaced at the same URI is loaded again. Storage options
+    (which may hold credentials, and are not hashable) are not part of the key: they are
+    resolved when a model is loaded. Holds at most ``size`` models.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._models: OrderedDict[tuple[str, str, str], tuple[Any, Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ckpt: CheckpointRef, device: str, storage: StorageConfig) -> tuple[Any, Any, Any]:
+        """``(model, spec, torch.device)`` of a checkpoint, loaded once per process."""
+        key = (ckpt.uri, ckpt.key, device)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            fs, path = get_fs(ckpt.uri, storage)
+            with fs.open(path, "rb") as f:
+                model, spec = load_model(f)
+            import torch
+
+            dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                               ("cpu" if device == "auto" else device))
+            self._models[key] = (model.to(dev).eval(), spec, dev)
+            while len(self._models) > self._size:
+                self._models.popitem(last=False)
+            return self._models[key]
+
+    def clear(self) -> None:
+        """Forget every loaded model."""
+        with self._lock:
+            self._models.clear()
+
+
+_MODELS = _ModelCache()
 
 
 def embedding_uri(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
@@ -78,14 +108,26 @@ def embedding_uri(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
 
 def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
                seed: int, storage: StorageConfig) -> EmbeddingRef:
-    """Embed every pixel of a tile (in its native zone); write float32 (H, W, D)."""
+    """Embed every pixel of a tile (in its native zone); write float32 (H, W, D).
+
+    Committed with :func:`~tasks.storage.commit_stage`: a stop request (checked per block
+    and per batch) or a crash leaves no commit record, and the next run starts the tile
+    again.
+
+    Raises:
+        StopRequested: the process was asked to stop (:mod:`tasks.stop`).
+    """
     uri, key = embedding_uri(dp, ckpt, cfg, seed, storage)
-    if (done := is_done(uri, storage)) is not None:
-        return EmbeddingRef.model_validate(done)
-    remove(uri, storage)
+    return commit_stage(uri, storage, EmbeddingRef,
+                        lambda: _embed(dp, ckpt, cfg, seed, storage, uri, key))
+
+
+def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
+           storage: StorageConfig, uri: str, key: str) -> EmbeddingRef:
     t0 = time.perf_counter()
-    opts = tuple(sorted(storage_options(ckpt.uri, storage).items()))
-    model, spec, device = _cached_model(ckpt.uri, ckpt.key, opts, cfg.device)
+    what = f"embedding of tile {dp.tile.id}"
+    check_stop(what)
+    model, spec, device = _MODELS.get(ckpt, cfg.device, storage)
     tile = dp.tile
     inside = native_mask(tile)
     src = zarr.open_group(zarr_store(dp.uri, storage, read_only=True), mode="r")
@@ -101,6 +143,7 @@ def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
     n_valid = 0
     for y in range(0, h, block):
         for x in range(0, w, block):
+            check_stop(what)
             rows, cols = slice(y, min(h, y + block)), slice(x, min(w, x + block))
             bh, bw = rows.stop - rows.start, cols.stop - cols.start
             sel = inside[rows, cols].ravel()
@@ -120,12 +163,11 @@ def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
                         model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx], s1_doy,
                         s1_keys, pixel_ids(tile, rows, cols)[idx], seed=seed,
                         batch_size=cfg.batch_size, device=device, compile=cfg.compile,
+                        before_batch=lambda: check_stop(what),
                     )
             emb[rows, cols, :] = block_emb.reshape(bh, bw, d)
             n_valid += int(idx.size)
     out.attrs.update({"tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),
                       "checkpoint_key": ckpt.key, "model_version": ckpt.model_version})
-    ref = EmbeddingRef(uri=uri, key=key, tile=tile, n_valid=n_valid, n_nodata=h * w - n_valid,
-                       seconds=round(time.perf_counter() - t0, 3))
-    mark_done(uri, storage, ref)
-    return ref
+    return EmbeddingRef(uri=uri, key=key, tile=tile, n_valid=n_valid, n_nodata=h * w - n_valid,
+                        seconds=round(time.perf_counter() - t0, 3))

@@ -33,3 +33,10 @@ class TileError(FactoryError, RuntimeError):
 
 class DataError(FactoryError, ValueError):
     """Input data has the wrong shape, dtype or content."""
+
+
+class StopRequested(FactoryError, InterruptedError):
+    """The build was asked to stop (Ctrl-C, SIGTERM, a cancellation); see :mod:`tasks.stop`.
+
+    Raised by long loops at their next check; what was committed stays committed.
+    """

@@ -13,31 +13,36 @@ the last checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.acquire import ORBITS
 from tasks.config import ModelConfig, StorageConfig, TrainingConfig
+from tasks.errors import StopRequested
 from tasks.refs import CheckpointRef, DPixelRef, TrainingSetRef
+from tasks.stop import check_stop, install_stop_handlers, stop_requested, watch_parent
 from tasks.storage import (
     code_version,
+    commit_stage,
     content_key,
     get_fs,
-    is_done,
     join,
-    mark_done,
     normalise,
-    remove,
     zarr_store,
 )
 from tessera_model import (
@@ -56,6 +61,20 @@ TRAINSET_FORMAT = "tessera-factory-trainset-2"
 """Root attribute ``format`` of a sharded training set (version 1 was one unsharded group)."""
 _STAGING_CHUNK = 4096
 _SHARD_CHUNK = 4096
+JOB_ENV = "TESSERA_TRAIN_JOB"
+"""Environment variable that hands a training job (JSON, no secret) to torchrun ranks."""
+PARENT_ENV = "TESSERA_TRAIN_PARENT"
+"""Environment variable naming the process that launched torchrun; ranks stop if it ends."""
+PROGRESS_MARK = "TESSERA_PROGRESS "
+"""Prefix of the progress lines rank 0 prints for the launching process."""
+PROGRESS_EVERY_S = 5.0
+"""Progress is reported at least this often (and every tenth of the run, first and last step)."""
+STOPPED_EXIT = 3
+"""Exit status of a rank that stopped on request (its checkpoint holds the steps done)."""
+TORCHRUN_GRACE_S = 20.0
+"""Seconds torchrun gets to stop its ranks (which checkpoint) before it is killed."""
+
+log = logging.getLogger("tasks.train")
 
 
 def _tile_samples(dp: DPixelRef, cfg: TrainingConfig, seed: int, storage: StorageConfig,
@@ -118,9 +137,12 @@ def build_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int,
     key = content_key("trainset", code_version(*CODE), sorted(d.key for d in dpixels),
                       cfg.pixels_per_tile, cfg.min_valid_s2, cfg.shard_pixels, seed)
     uri = join(normalise(storage.work_uri), "training", f"{key}.zarr")
-    if (done := is_done(uri, storage)) is not None:
-        return TrainingSetRef.model_validate(done)
-    remove(uri, storage)
+    return commit_stage(uri, storage, TrainingSetRef,
+                        lambda: _write_training_set(dpixels, cfg, seed, storage, uri, key))
+
+
+def _write_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int,
+                        storage: StorageConfig, uri: str, key: str) -> TrainingSetRef:
     t2 = max(d.n_s2 for d in dpixels)
     t1 = max(d.n_s1_ascending + d.n_s1_descending for d in dpixels)
     n_buckets = _n_shards(dpixels, cfg)
@@ -128,6 +150,7 @@ def build_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int,
     staging = root.create_group("staging")
     buckets: dict[int, zarr.Group] = {}
     for dp in sorted(dpixels, key=lambda d: d.tile.id):
+        check_stop("the training set")
         arrays = _tile_arrays(dp, cfg, seed, storage, t2, t1)
         rng = np.random.default_rng([seed, zlib.crc32(dp.tile.id.encode()), 1])
         bucket = rng.integers(0, n_buckets, arrays.n_pixels)
@@ -143,6 +166,7 @@ def build_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int,
     sizes: list[int] = []
     shards = root.create_group("shards")
     for b in sorted(buckets):
+        check_stop("the training set")
         g = buckets[b]
         n = g["s2"].shape[0]
         perm = np.random.default_rng([seed, int(b), 2]).permutation(n)
@@ -159,9 +183,7 @@ def build_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int,
             "observations. Got none in any tile."
         )
     root.attrs.update({"format": TRAINSET_FORMAT, "shard_sizes": sizes, "seed": seed})
-    ref = TrainingSetRef(uri=uri, key=key, n_pixels=n_total, n_tiles=len(dpixels))
-    mark_done(uri, storage, ref)
-    return ref
+    return TrainingSetRef(uri=uri, key=key, n_pixels=n_total, n_tiles=len(dpixels))
 
 
 class ZarrShards:
@@ -205,112 +227,280 @@ def _settings(model: ModelConfig, cfg: TrainingConfig, seed: int) -> tuple[Model
     return spec, settings
 
 
+class TrainProgress(BaseModel):
+    """Where a training run stands (reported to :func:`train_model`'s ``progress``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: int = Field(description="Optimiser steps done (resumed ones included).")
+    steps: int = Field(description="Steps of the whole run.")
+    loss: float = Field(description="Loss of the last step.")
+    seconds: float = Field(description="Seconds since this call started training.")
+    seconds_left: float | None = Field(
+        description="Estimated seconds to the last step, from this call's pace (None before "
+        "the first step).")
+
+    @property
+    def fraction(self) -> float:
+        """Share of the run done, 0..1."""
+        return self.step / self.steps if self.steps else 1.0
+
+
+ProgressFn = Callable[[TrainProgress], None]
+
+
+def log_progress(p: TrainProgress) -> None:
+    """The default progress report: one line on the ``tasks.train`` logger."""
+    left = "?" if p.seconds_left is None else f"{p.seconds_left:.0f} s"
+    log.info("training step %d/%d (%.0f%%), loss %.4f, %.0f s elapsed, about %s left",
+             p.step, p.steps, 100 * p.fraction, p.loss, p.seconds, left)
+
+
+class _Reporter:
+    """Turns fit's per-step ``log_fn(step, loss, lr)`` into throttled :class:`TrainProgress`.
+
+    Reports the first step of the call, the last of the run, every tenth of the run and at
+    least every ``PROGRESS_EVERY_S`` seconds.
+    """
+
+    def __init__(self, steps: int, report: ProgressFn) -> None:
+        self._steps, self._report = steps, report
+        self._every = max(1, steps // 10)
+        self._t0 = time.monotonic()
+        self._first: int | None = None
+        self._last_t = 0.0
+
+    def __call__(self, step: int, loss: float, lr: float = 0.0) -> None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first = step - 1
+        due = (step == self._first + 1 or step == self._steps or step % self._every == 0
+               or now - self._last_t >= PROGRESS_EVERY_S)
+        if not due:
+            return
+        self._last_t = now
+        elapsed = now - self._t0
+        done = step - self._first
+        left = elapsed / done * (self._steps - step) if done > 0 else None
+        self._report(TrainProgress(step=step, steps=self._steps, loss=float(loss),
+                                   seconds=round(elapsed, 1),
+                                   seconds_left=None if left is None else round(left, 1)))
+
+
 def fit_training_set(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, seed: int,
-                     storage: StorageConfig, checkpoint_path: str) -> TrainResult:
+                     storage: StorageConfig, checkpoint_path: str,
+                     progress: ProgressFn | None = None,
+                     on_checkpoint: Callable[[str, int], None] | None = None) -> TrainResult:
     """Fit on a training set, streaming its shards; data parallel under ``torchrun``.
 
-    Every rank of an initialised process group calls this with the same arguments.
+    Every rank of an initialised process group calls this with the same arguments. Stops
+    (with a checkpoint, ``stopped=True``) when this process is asked to
+    (:func:`tasks.stop.stop_requested`).
     """
     spec, settings = _settings(model, cfg, seed)
-    return fit(spec, ZarrShards(ts, storage), settings, checkpoint_path, resume=True)
+    log_fn = _Reporter(settings.steps, progress) if progress is not None else None
+    return fit(spec, ZarrShards(ts, storage), settings, checkpoint_path, resume=True,
+               log_fn=log_fn, should_stop=stop_requested, on_checkpoint=on_checkpoint)
+
+
+def _scratch_dir(root: str, key: str) -> Path:
+    """Where the running checkpoint lives while training: the work root itself (local
+    paths), else a local folder keyed by the training's content key (so a retry or a
+    re-run on this machine finds it; it holds no secret)."""
+    if "://" not in root:
+        return Path(root)
+    return Path(tempfile.gettempdir()) / "tessera-train" / key
+
+
+def _uploader(remote: str, storage: StorageConfig) -> Callable[[str, int], None]:
+    """``on_checkpoint`` that copies the running checkpoint to shared storage (one PUT,
+    atomic on object stores), so any machine can resume the training."""
+
+    def upload(path: str, step: int) -> None:
+        fs, rpath = get_fs(remote, storage)
+        fs.put_file(path, rpath)
+        log.debug("running checkpoint (step %d) copied to %s", step, remote)
+
+    return upload
 
 
 def train_model(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, seed: int,
-                storage: StorageConfig) -> CheckpointRef:
+                storage: StorageConfig, progress: ProgressFn | None = None) -> CheckpointRef:
     """Fit the network on a training set and store its checkpoint in work storage.
 
-    The running checkpoint lives in the work root (local paths) or a local scratch folder
-    (object stores), so a killed or retried run resumes from its last saved step. With
-    ``cfg.processes > 1`` the fit runs in that many data-parallel processes launched with
-    torchrun (``python -m tasks.train``; NCCL on GPUs, gloo on CPU) and this call waits.
+    Resumable wherever the work root is: the running checkpoint is saved every
+    ``cfg.checkpoint_every`` steps, and when the process is asked to stop
+    (:mod:`tasks.stop`), in ``{work}/checkpoints/{key}/running.pt`` (local work roots), or in
+    a local scratch folder keyed by the content key and copied to that same URI after each
+    save (object stores; downloaded at the start when present, so another machine resumes
+    it). With ``cfg.processes > 1`` the fit runs in that many data-parallel processes
+    launched with torchrun (``python -m tasks.train``; NCCL on GPUs, gloo on CPU) and this
+    call waits, stopping them when this process is asked to stop.
+
+    Args:
+        ts: the training set.
+        model: model preset.
+        cfg: training settings.
+        seed: seed of init, batches, views and mixing.
+        storage: storage roots and S3 settings.
+        progress: called with a :class:`TrainProgress` on the first step, every tenth of
+            the run, at least every ``PROGRESS_EVERY_S`` seconds and on the last step, in
+            the calling thread; default :func:`log_progress`.
+
+    Raises:
+        StopRequested: asked to stop; the steps done are checkpointed (resumable).
     """
     spec, settings = _settings(model, cfg, seed)
     key = content_key("train", code_version(*CODE), ts.key, spec, settings)
     root = join(normalise(storage.work_uri), "checkpoints", key)
+    return commit_stage(root, storage, CheckpointRef,
+                        lambda: _train(ts, model, cfg, seed, storage, progress or log_progress,
+                                       root, key), clear=False)
+
+
+def _train(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, seed: int,
+           storage: StorageConfig, progress: ProgressFn, root: str, key: str) -> CheckpointRef:
+    spec, _ = _settings(model, cfg, seed)
     uri = join(root, "model.pt")
-    if (done := is_done(root, storage)) is not None:
-        return CheckpointRef.model_validate(done)
     local = "://" not in root
-    scratch = Path(root if local else tempfile.mkdtemp(prefix="tessera-train-"))
+    scratch = _scratch_dir(root, key)
     scratch.mkdir(parents=True, exist_ok=True)
     running = str(scratch / "running.pt")
+    remote = None if local else join(root, "running.pt")
+    if remote is not None:
+        fs, rpath = get_fs(remote, storage)
+        if fs.exists(rpath):
+            fs.get_file(rpath, running)
+            log.info("resuming training from %s", remote)
+    check_stop("training")
     if cfg.processes > 1:
-        run_torchrun(ts, model, cfg, seed, storage, running)
+        run_torchrun(ts, model, cfg, seed, storage, running, progress=progress,
+                     upload_to=remote)
         final_loss = float(read_checkpoint(running)["losses"][-1])
     else:
-        final_loss = float(fit_training_set(ts, model, cfg, seed, storage, running).final_loss)
+        result = fit_training_set(ts, model, cfg, seed, storage, running, progress=progress,
+                                  on_checkpoint=None if remote is None else _uploader(remote, storage))
+        if result.stopped:
+            check_stop("training")
+            raise StopRequested(f"Expected training to reach step {cfg.steps}. Got a stop at "
+                                f"step {result.steps}.")
+        final_loss = float(result.final_loss)
     fs, path = get_fs(uri, storage)
     if local:
         Path(running).replace(path)
     else:
         fs.put_file(running, path)
-    ref = CheckpointRef(uri=uri, key=key, preset=model.preset,
-                        model_version=f"{spec.version}-{key[:8]}", final_loss=final_loss)
-    mark_done(root, storage, ref)
-    return ref
-
-
-def _plain(cfg: BaseModel) -> dict[str, Any]:
-    """A config as JSON-able data with secrets revealed (for a private 0600 file only)."""
-    out = cfg.model_dump(mode="python")
-    for name, value in out.items():
-        if isinstance(value, SecretStr):
-            out[name] = value.get_secret_value()
-    return json.loads(json.dumps(out, default=str))
+        rfs, rpath = get_fs(join(root, "running.pt"), storage)
+        if rfs.exists(rpath):
+            rfs.rm(rpath)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return CheckpointRef(uri=uri, key=key, preset=model.preset,
+                         model_version=f"{spec.version}-{key[:8]}", final_loss=final_loss)
 
 
 def run_torchrun(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, seed: int,
-                 storage: StorageConfig, checkpoint_path: str) -> None:
+                 storage: StorageConfig, checkpoint_path: str,
+                 progress: ProgressFn | None = None, upload_to: str | None = None) -> None:
     """Run :func:`fit_training_set` in ``cfg.processes`` local processes under torchrun.
 
-    The job is handed over in a private (0600) JSON file, deleted afterwards.
+    The job goes to the ranks in the ``TESSERA_TRAIN_JOB`` environment variable: configs
+    and references only (configs hold no secret; each rank resolves its own credentials),
+    and no file that could outlive a ``kill -9``. Rank 0 prints progress lines that are
+    passed to ``progress`` here. When this process is asked to stop, torchrun gets SIGTERM
+    (it stops its ranks, which checkpoint) and ``TORCHRUN_GRACE_S`` seconds before it is
+    killed; ranks also stop if this process dies.
 
     Raises:
         ValueError: a ``memory://`` work store (not shared between processes).
+        StopRequested: this process, or the ranks, were asked to stop.
         RuntimeError: the launcher failed (its exit status is named).
     """
     if storage.work_uri.startswith("memory://"):
         raise ValueError("Expected a work_uri shared between processes for training.processes "
                          f"> 1. Got {storage.work_uri!r}.")
     job = {"training_set": ts.model_dump(mode="json"), "model": model.model_dump(mode="json"),
-           "training": cfg.model_dump(mode="json"), "seed": seed, "storage": _plain(storage),
-           "checkpoint": checkpoint_path}
-    fd, job_path = tempfile.mkstemp(prefix="tessera-train-job-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(job, fh)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={cfg.processes}", "-m", "tasks.train", job_path]
-        rc = subprocess.run(cmd, check=False).returncode
-        if rc != 0:
-            raise RuntimeError(f"Expected torchrun to exit with 0. Got {rc} from: {' '.join(cmd)}")
-    finally:
-        Path(job_path).unlink(missing_ok=True)
+           "training": cfg.model_dump(mode="json"), "seed": seed,
+           "storage": storage.model_dump(mode="json"), "checkpoint": checkpoint_path,
+           "upload_to": upload_to}
+    env = {**os.environ, JOB_ENV: json.dumps(job), PARENT_ENV: str(os.getpid())}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={cfg.processes}", "-m", "tasks.train"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
+    reports: queue.Queue[TrainProgress] = queue.Queue()
+
+    def read() -> None:
+        if proc.stdout is None:
+            return
+        for line in proc.stdout:
+            if line.startswith(PROGRESS_MARK):
+                reports.put(TrainProgress.model_validate_json(line[len(PROGRESS_MARK):]))
+            else:
+                sys.stdout.write(line)
+
+    reader = threading.Thread(target=read, name="tessera-torchrun-out", daemon=True)
+    reader.start()
+    stopping_since: float | None = None
+    while True:
+        try:
+            rc = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        while not reports.empty() and progress is not None:
+            progress(reports.get_nowait())
+        if stop_requested() and stopping_since is None:
+            stopping_since = time.monotonic()
+            proc.terminate()
+        elif stopping_since is not None and time.monotonic() - stopping_since > TORCHRUN_GRACE_S:
+            proc.kill()
+    reader.join(timeout=5)
+    while not reports.empty() and progress is not None:
+        progress(reports.get_nowait())
+    if stopping_since is not None or rc == STOPPED_EXIT:
+        check_stop("training")
+        raise StopRequested("Expected the training ranks to finish. Got a stop request in a rank.")
+    if rc != 0:
+        raise RuntimeError(f"Expected torchrun to exit with 0. Got {rc} from: {' '.join(cmd)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of one training rank: ``python -m tasks.train JOB.json`` under torchrun.
+    """Entry point of one training rank under torchrun: ``python -m tasks.train``.
 
-    Multi-node: ``torchrun --nnodes N --nproc_per_node G --rdzv_endpoint HOST:PORT -m
-    tasks.train JOB.json`` on every node, with a work store all nodes can read (e.g. S3).
+    The job (JSON) comes in ``TESSERA_TRAIN_JOB``. Multi-node: set it on every node and run
+    ``torchrun --nnodes N --nproc_per_node G --rdzv_endpoint HOST:PORT -m tasks.train``,
+    with a work store all nodes can read (e.g. S3). A rank stops (checkpointing the steps
+    done) on SIGINT/SIGTERM or when the process in ``TESSERA_TRAIN_PARENT`` ends, and then
+    exits with ``STOPPED_EXIT``.
     """
     import torch.distributed as dist
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m tasks.train JOB.json (under torchrun)", file=sys.stderr)
+    raw = os.environ.get(JOB_ENV)
+    if not raw:
+        print(f"usage: {JOB_ENV}='{{...}}' python -m tasks.train (under torchrun)",
+              file=sys.stderr)
         return 2
-    job = json.loads(Path(args[0]).read_text())
+    job = json.loads(raw)
+    install_stop_handlers()
+    if os.environ.get(PARENT_ENV):
+        watch_parent(int(os.environ[PARENT_ENV]))
     cfg = TrainingConfig.model_validate(job["training"])
+    storage = StorageConfig.model_validate(job["storage"])
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    def emit(p: TrainProgress) -> None:
+        print(PROGRESS_MARK + p.model_dump_json(), flush=True)
+
     try:
-        fit_training_set(TrainingSetRef.model_validate(job["training_set"]),
-                         ModelConfig.model_validate(job["model"]), cfg, int(job["seed"]),
-                         StorageConfig.model_validate(job["storage"]), job["checkpoint"])
+        result = fit_training_set(
+            TrainingSetRef.model_validate(job["training_set"]),
+            ModelConfig.model_validate(job["model"]), cfg, int(job["seed"]), storage,
+            job["checkpoint"], progress=emit,
+            on_checkpoint=_uploader(job["upload_to"], storage) if job.get("upload_to") else None,
+        )
     finally:
         dist.destroy_process_group()
-    return 0
+    return STOPPED_EXIT if result.stopped else 0
 
 
 def given_checkpoint(uri: str, model: ModelConfig, storage: StorageConfig) -> CheckpointRef:

@@ -108,6 +108,7 @@ def embed_pixels(
     s2_keys: npt.NDArray[np.int64] | None = None,
     compile: bool = False,
     prefetch: bool | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Embed pixels; each pixel's result depends only on its data, id and the seed.
 
@@ -140,6 +141,9 @@ def embed_pixels(
             CUDA; the first call compiles).
         prefetch: prepare the next batch on a thread; default on for CUDA, off for CPU
             (where the thread would compete with the BLAS threads).
+        before_batch: called before every forward pass; whatever it raises aborts the call
+            (e.g. ``tasks.stop.check_stop``, so a stop request ends a long tile within one
+            batch). It does not change any result.
 
     Returns:
         (N, latent_dim) float32; NaN rows where either modality has no valid step.
@@ -191,6 +195,8 @@ def embed_pixels(
     use_thread = cuda if prefetch is None else prefetch
     with torch.inference_mode(), autocast:
         for item in _prefetched(prepare, range(0, n, batch), use_thread):
+            if before_batch is not None:
+                before_batch()
             if item is None:
                 continue
             start, rows, x2, x1 = item  # type: ignore[misc]

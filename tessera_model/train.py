@@ -76,6 +76,8 @@ class TrainResult(BaseModel):
     losses: list[float]
     steps: int = Field(description="Steps completed in total (including resumed ones).")
     checkpoint_path: str
+    stopped: bool = Field(default=False, description="Ended early by ``should_stop`` (the "
+                          "checkpoint holds the steps done; a re-run resumes from it).")
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
@@ -130,6 +132,17 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator, dev: torch.devic
         torch.cuda.set_rng_state(state["cuda"].cpu(), dev)
 
 
+def _any_rank(flag: bool, world: World, dev: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (a scalar all-reduce; ``flag`` in one process)."""
+    if world.size == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _rank_device(settings: TrainSettings, world: World) -> torch.device:
     dev = resolve_device(settings.device)
     if dev.type == "cuda" and dev.index is None and world.size > 1:
@@ -147,6 +160,8 @@ def fit(
     resume: bool = True,
     log_fn: Callable[[int, float, float], None] | None = None,
     stop_after: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[str, int], None] | None = None,
 ) -> TrainResult:
     """Train a :class:`TesseraModel` from scratch or resume it from ``checkpoint_path``.
 
@@ -169,6 +184,12 @@ def fit(
         log_fn: called on rank 0 as ``log_fn(step, loss, lr)`` after every step.
         stop_after: stop (with a checkpoint) once this many steps are done in total, e.g.
             to fit a time budget; the LR schedule still spans ``settings.steps``.
+        should_stop: polled before every step (on every rank; under ``torch.distributed``
+            the ranks agree: any rank's request stops all). When it returns True the steps
+            done so far are checkpointed and ``fit`` returns with ``stopped=True``, so a
+            later call resumes exactly there. E.g. ``tasks.stop.stop_requested``.
+        on_checkpoint: called on rank 0 as ``on_checkpoint(path, step)`` after every
+            checkpoint write (e.g. to copy the running checkpoint to shared storage).
 
     Returns:
         :class:`TrainResult` with the losses of the steps run in this call and before.
@@ -236,6 +257,8 @@ def fit(
                 world_size=world.size,
             )
             save_checkpoint(obj, path)
+            if on_checkpoint is not None:
+                on_checkpoint(str(path), step)
         barrier()
 
     k = spec.sample_steps
@@ -247,7 +270,14 @@ def fit(
         else contextlib.nullcontext()
     )
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    saved = start if path.exists() else -1
     for step in range(start, end):
+        if _any_rank(should_stop is not None and should_stop(), world, dev):
+            if saved != step:
+                save(step)
+            return TrainResult(final_loss=losses[-1] if losses else float("nan"),
+                               losses=losses, steps=step, checkpoint_path=str(path),
+                               stopped=True)
         epoch, shard, row = order.batch(step)
         batch = reader.read(shard, row)
         ids = order.pixel_ids(shard, row)
@@ -283,6 +313,7 @@ def fit(
         done = step + 1
         if done % settings.checkpoint_every == 0 or done == end:
             save(done)
+            saved = done
     if start >= end and not path.exists():
         save(start)
     return TrainResult(

@@ -84,3 +84,26 @@ def test_model_from_training_is_a_tessera_model(
     fit(tiny_spec, training_arrays_factory(), _settings(steps=1), str(tmp_path / "ck.pt"))
     model, _ = load_model(tmp_path / "ck.pt")
     assert isinstance(model, TesseraModel)
+
+
+def test_should_stop_checkpoints_and_resumes_exactly(
+    tiny_spec: ModelSpec, tmp_path: Path, training_arrays_factory: Callable[..., TrainingArrays]
+) -> None:
+    """A stop request ends fit before the next step with a checkpoint of the steps done;
+    the next call resumes there and ends where an uninterrupted run ends."""
+    data, settings = training_arrays_factory(), _settings(checkpoint_every=100)
+    full = fit(tiny_spec, data, settings, str(tmp_path / "a.pt"))
+    polls: list[int] = []
+    saves: list[int] = []
+
+    def stop_at_four() -> bool:
+        polls.append(1)
+        return len(polls) > 4
+
+    part = fit(tiny_spec, data, settings, str(tmp_path / "b.pt"), should_stop=stop_at_four,
+               on_checkpoint=lambda path, step: saves.append(step))
+    assert part.stopped and part.steps == 4 and saves == [4]
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 4
+    resumed = fit(tiny_spec, data, settings, str(tmp_path / "b.pt"), should_stop=lambda: False)
+    assert not resumed.stopped and resumed.steps == 8
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -84,3 +86,98 @@ def test_embed_tile_native_zone_and_nodata(tmp_path, storage):
     # same inputs -> same stored result (served from the commit marker)
     again = embed_tile(dp, ckpt, EmbeddingConfig(min_valid_s2=2), 0, storage)
     assert again == emb
+
+
+@pytest.fixture(scope="module")
+def tile_dpixels(tmp_path_factory):
+    """The d-pixels of one tile on local disk, and a tiny random checkpoint."""
+    root = tmp_path_factory.mktemp("embed")
+    storage = StorageConfig(output_uri=str(root / "out"), work_uri=str(root / "work"))
+    tile = Tile(zone=31, south=False, x0=296960, y0=5788160, size_px=256)
+    sc = acquire(tile, 2022, SourceConfig(), storage, scene_source=FakeSource())
+    dp = extract_dpixels(sc, cloud_mask(sc, MaskConfig(), storage), DPixelConfig(), storage)
+    torch.manual_seed(0)
+    spec = ModelSpec(version="tiny-embed", latent_dim=128, d_model=16, n_layers=1, n_heads=2,
+                     ffn_dim=32, dropout=0.0, projector_dim=32, projector_layers=1,
+                     sample_steps=8)
+    ck = root / "tiny.pt"
+    save_checkpoint(build_checkpoint(TesseraModel(spec)), ck)
+    return dp, storage, ck
+
+
+@pytest.mark.integration
+def test_embed_from_an_s3_checkpoint_replaced_in_place(tile_dpixels, tmp_path, monkeypatch):
+    """An s3:// checkpoint (storage options hold a dict) embeds; replaced at the same URI it
+    gets a new content key and the new model is used, not a cached one."""
+    from tests.s3support import MotoServer, s3fs_for
+
+    pytest.importorskip("moto.server")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-EMBEDTEST-0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "embed-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    dp, local, ck = tile_dpixels
+    server = MotoServer().start()
+    try:
+        fs = s3fs_for(server.url)
+        fs.mkdir("ckpts")
+        fs.put_file(str(ck), "ckpts/model.pt")
+        storage = local.model_copy(update={"s3_endpoint_url": server.url,
+                                           "work_uri": str(tmp_path / "work")})
+        ref = given_checkpoint("s3://ckpts/model.pt", ModelConfig(), storage)
+        first = embed_tile(dp, ref, EmbeddingConfig(min_valid_s2=2), 0, storage)
+        a = zarr.open_group(first.uri, mode="r")["embedding"][:]
+        assert first.n_valid > 0 and np.isfinite(a).any()
+        torch.manual_seed(1)
+        spec = ModelSpec.model_validate(torch.load(ck, weights_only=False)["model_spec"])
+        other = TesseraModel(spec)
+        replaced = tmp_path / "other.pt"
+        save_checkpoint(build_checkpoint(other), replaced)
+        fs.put_file(str(replaced), "ckpts/model.pt")
+        ref2 = given_checkpoint("s3://ckpts/model.pt", ModelConfig(), storage)
+        assert ref2.key != ref.key
+        second = embed_tile(dp, ref2, EmbeddingConfig(min_valid_s2=2), 0, storage)
+        b = zarr.open_group(second.uri, mode="r")["embedding"][:]
+        assert second.uri != first.uri and not np.array_equal(a, b, equal_nan=True)
+    finally:
+        server.stop()
+
+
+def test_stop_request_leaves_no_committed_embedding(tile_dpixels, tmp_path, monkeypatch):
+    """A stop request mid-tile raises StopRequested and commits nothing; the next call
+    embeds the tile in full, identical to an uninterrupted run."""
+    import tasks.embed as embed_mod
+    from tasks.errors import StopRequested
+    from tasks.stop import clear_stop, request_stop
+    from tasks.storage import done_uri
+
+    dp, local, ck = tile_dpixels
+    storage = local.model_copy(update={"work_uri": str(tmp_path / "work")})
+    ref = given_checkpoint(str(ck), ModelConfig(), storage)
+    cfg = EmbeddingConfig(batch_size=256, min_valid_s2=2)
+    calls = []
+    real = embed_mod.embed_pixels
+
+    def stop_in_second_batch(*args, **kw):
+        def before():
+            calls.append(1)
+            if len(calls) == 2:
+                request_stop("test")
+            kw_before()
+
+        kw_before = kw["before_batch"]
+        return real(*args, **{**kw, "before_batch": before})
+
+    monkeypatch.setattr(embed_mod, "embed_pixels", stop_in_second_batch)
+    try:
+        with pytest.raises(StopRequested, match="tile"):
+            embed_tile(dp, ref, cfg, 0, storage)
+    finally:
+        clear_stop()
+    uri, _ = embed_mod.embedding_uri(dp, ref, cfg, 0, storage)
+    assert len(calls) == 2 and not Path(done_uri(uri)).exists()
+    monkeypatch.setattr(embed_mod, "embed_pixels", real)
+    resumed = embed_tile(dp, ref, cfg, 0, storage)
+    whole = embed_tile(dp, ref, cfg, 0, local)  # another work root: uninterrupted
+    a = zarr.open_group(resumed.uri, mode="r")["embedding"][:]
+    b = zarr.open_group(whole.uri, mode="r")["embedding"][:]
+    assert np.array_equal(a, b, equal_nan=True) and resumed.n_valid == whole.n_valid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,74 @@ def test_torchrun_needs_shared_work_store(dpixels: tuple[list[DPixelRef], Storag
         run_torchrun(ts, ModelConfig(), CFG.model_copy(update={"processes": 2}), 0, mem, "x.pt")
     with pytest.raises(ValueError, match="divisible by training.processes=3"):
         TrainingConfig(batch_size=16, processes=3)
+
+
+def test_stop_then_resume_and_progress(
+    dpixels: tuple[list[DPixelRef], StorageConfig], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop request during training raises StopRequested, keeps a checkpoint of the steps
+    done and commits nothing; the next call resumes from it. Progress is reported."""
+    from tasks.errors import StopRequested
+    from tasks.stop import clear_stop, request_stop
+    from tasks.train import TrainProgress
+
+    refs, storage = dpixels
+    storage = storage.model_copy(update={"work_uri": str(tmp_path / "work")})
+    ts = build_training_set(refs, CFG, seed=4, storage=storage)
+    cfg = CFG.model_copy(update={"steps": 6, "checkpoint_every": 100})
+    seen: list[TrainProgress] = []
+
+    def progress(p: TrainProgress) -> None:
+        seen.append(p)
+        if p.step == 2:
+            request_stop("test")
+
+    try:
+        with pytest.raises(StopRequested, match="training"):
+            train_model(ts, ModelConfig(preset="small"), cfg, 1, storage, progress=progress)
+    finally:
+        clear_stop()
+    running = next((tmp_path / "work" / "checkpoints").glob("*/running.pt"))
+    assert torch.load(running, weights_only=False)["step"] == 2
+    assert not list((tmp_path / "work" / "checkpoints").glob("*.done.json"))
+    assert [p.step for p in seen] == [1, 2] and seen[0].steps == 6 and seen[1].seconds_left is not None
+    caplog.set_level("INFO", logger="tasks.train")
+    ck = train_model(ts, ModelConfig(preset="small"), cfg, 1, storage)  # default: log lines
+    final = torch.load(ck.uri, weights_only=False)
+    assert final["step"] == 6 and len(final["losses"]) == 6
+    lines = [r.getMessage() for r in caplog.records if r.name == "tasks.train"]
+    assert lines and lines[0].startswith("training step 3/6") and "6/6" in lines[-1]
+
+
+def test_torchrun_job_holds_no_secret_and_no_file(
+    dpixels: tuple[list[DPixelRef], StorageConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job reaches torchrun in an environment variable, configs and references only."""
+    import subprocess
+
+    import tasks.train as train_mod
+
+    refs, storage = dpixels
+    seen: dict[str, object] = {}
+
+    class FakePopen:
+        stdout = iter([f"{train_mod.PROGRESS_MARK}" + train_mod.TrainProgress(
+            step=1, steps=2, loss=1.0, seconds=0.1, seconds_left=0.1).model_dump_json() + "\n"])
+
+        def __init__(self, cmd: list[str], env: dict[str, str], **kw: object) -> None:
+            seen["cmd"], seen["env"] = cmd, env
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-in-a-job-9f2")
+    ts = build_training_set(refs, CFG, seed=4, storage=storage)
+    got: list[object] = []
+    train_mod.run_torchrun(ts, ModelConfig(), CFG.model_copy(update={"processes": 2}), 0, storage,
+                           "/x/running.pt", progress=got.append)
+    job = seen["env"][train_mod.JOB_ENV]  # type: ignore[index]
+    assert "never-in-a-job" not in job and json.loads(job)["checkpoint"] == "/x/running.pt"
+    assert not any(a.endswith(".json") for a in seen["cmd"])  # type: ignore[union-attr]
+    assert [p.step for p in got] == [1]  # type: ignore[attr-defined]
