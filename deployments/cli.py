@@ -130,16 +130,28 @@ def ensure_prefect_api(attempts: int = 2) -> None:
         return
     if not settings.server.ephemeral.enabled:
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    from deployments.server import temporary_server_class
 
+    server_class = temporary_server_class()
     timeout = settings.server.ephemeral.startup_timeout_seconds
+    last: Exception | None = None
     for _ in range(attempts):
-        server = SubprocessASGIServer()
+        server = server_class()
         try:
             server.start()
+            # worker processes (processes/Dask runners, torchrun) use this server rather than
+            # each starting a temporary server of their own
+            os.environ["PREFECT_API_URL"] = server.api_url
             return
-        except Exception:  # noqa: BLE001 - Prefect raises RuntimeError or httpx errors
+        except Exception as exc:  # noqa: BLE001 - Prefect raises RuntimeError or httpx errors
+            last = exc
             server.stop()  # kill a half-started server; the next instance picks a new port
+    if "Timed out" not in str(last):
+        raise ServerStartError(
+            f"the temporary Prefect server failed to start ({type(last).__name__}: "
+            f"{str(last).splitlines()[0][:200] if str(last) else ''}). Start one in another "
+            "terminal with 'tessera server', then 'export PREFECT_API_URL=http://127.0.0.1:4200/api' "
+            "and run this again")
     raise ServerStartError(
         f"the temporary Prefect server did not start within {timeout} s ({attempts} tries; "
         "the machine may be busy). Start one in another terminal with 'tessera server', then "

@@ -13,11 +13,52 @@ from flows.runs import ensure_zombie_automation
 from tasks.prefect_tasks import GPU_LIMIT, SH_LIMIT
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: deliver SIGTERM to this process when its parent dies (even by ``kill -9``)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def temporary_server_class() -> type:
+    """Prefect's temporary (ephemeral) API server, made to end with the process that started
+    it: a build killed with ``kill -9`` leaves no server process behind (Linux; elsewhere it
+    behaves like Prefect's own)."""
+    import types
+
+    import prefect.server.api.server as prefect_server
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen:
+        if sys.platform.startswith("linux"):
+            kwargs.setdefault("preexec_fn", _die_with_parent)
+        return subprocess.Popen(*args, **kwargs)  # type: ignore[call-overload]
+
+    class OrphanSafeServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            # Prefect's method with one change: its Popen gets the parent-death signal. Only
+            # the name ``subprocess`` inside Prefect's server module is swapped, for this call.
+            real = prefect_server.subprocess
+            names = {k: getattr(real, k) for k in dir(real) if not k.startswith("__")}
+            prefect_server.subprocess = types.SimpleNamespace(**{**names, "Popen": popen})  # type: ignore[assignment]
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                prefect_server.subprocess = real
+
+    return OrphanSafeServer
+
+
 def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 90.0) -> subprocess.Popen:
     """Start ``prefect server start`` and wait until its API answers; return the process."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
     )
     url = f"http://{host}:{port}/api/health"
