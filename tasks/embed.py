@@ -26,7 +26,7 @@ from tasks.acquire import ORBITS
 from tasks.config import EmbeddingConfig, StorageConfig
 from tasks.grid import PIXEL_M, SHARD_PX, Tile, native_mask
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef
-from tasks.stop import check_stop
+from tasks.stop import arm_worker, check_stop
 from tasks.storage import (
     code_version,
     commit_stage,
@@ -117,6 +117,7 @@ def embed_tile(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
     Raises:
         StopRequested: the process was asked to stop (:mod:`tasks.stop`).
     """
+    arm_worker()
     uri, key = embedding_uri(dp, ckpt, cfg, seed, storage)
     return commit_stage(uri, storage, EmbeddingRef,
                         lambda: _embed(dp, ckpt, cfg, seed, storage, uri, key))

@@ -55,6 +55,7 @@ from tasks.errors import StopRequested
 
 __all__ = [
     "StopRequested",
+    "arm_worker",
     "check_stop",
     "clear_stop",
     "install_stop_handlers",
@@ -175,13 +176,14 @@ def _chain(signum: int, frame: FrameType | None, previous: Handler) -> None:
         raise SystemExit(128 + signum)
 
 
-def _make_handler(previous: Handler) -> Callable[[int, FrameType | None], None]:
+def _make_handler(previous: Handler, interrupt_main: bool) -> Callable[[int, FrameType | None], None]:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         first = _state["handled"]
         if first is None:
             _state["handled"] = (signum, time.monotonic())
             request_stop(_signal_name(signum))
-            _chain(signum, frame, previous)
+            if interrupt_main:
+                _chain(signum, frame, previous)
         elif _redelivered_by_prefect(frame):
             _chain(signum, frame, previous)
         elif signum != first[0] and time.monotonic() - first[1] < SAME_REQUEST_S:
@@ -198,13 +200,20 @@ def _is_ours(handler: Handler) -> bool:
     return bool(getattr(handler, "tessera_stop_handler", False))
 
 
-def install_stop_handlers() -> bool:
+def install_stop_handlers(interrupt_main: bool = True) -> bool:
     """Turn SIGINT and SIGTERM into a stop request of this process (main thread only).
 
     Idempotent: a handler already ours is kept; a foreign one on top (e.g. the bridge a
     Prefect flow engine installs) gets ours on top of it, chained to it. Also arms the
     wakeup-fd watcher that sees signals while another handler is on top, and, in a child
     process, :func:`watch_parent`. An ignored signal (``SIG_IGN``) stays ignored.
+
+    Args:
+        interrupt_main: on the first signal, also run the handler ours replaced (Prefect's
+            bridge, ``KeyboardInterrupt``, ``SystemExit(143)``), which interrupts the main
+            thread. False where the main thread does the work and checks the stop request
+            itself, so it can end cleanly (a training rank saves its checkpoint): worker
+            processes and torchrun ranks.
 
     Returns:
         True if the handlers are (now) installed; False off the main thread, where Python
@@ -218,9 +227,21 @@ def install_stop_handlers() -> bool:
         current = signal.getsignal(signum)
         if _is_ours(current) or current == signal.SIG_IGN:
             continue
-        signal.signal(signum, _make_handler(current))
+        signal.signal(signum, _make_handler(current, interrupt_main))
     _arm_wakeup_watcher()
     return True
+
+
+def arm_worker() -> None:
+    """In a worker process (a process-pool, Dask or multiprocessing child), make it stop
+    when asked: signal handlers if the work runs on its main thread, and a watch on the
+    parent. Does nothing in the main process (whose entry point installs the handlers).
+
+    Stages that run long call it on entry (training, embedding).
+    """
+    if multiprocessing.parent_process() is None:
+        return
+    install_stop_handlers(interrupt_main=False)
 
 
 def _arm_wakeup_watcher() -> None:

@@ -35,7 +35,7 @@ from tasks.acquire import ORBITS
 from tasks.config import ModelConfig, StorageConfig, TrainingConfig
 from tasks.errors import StopRequested
 from tasks.refs import CheckpointRef, DPixelRef, TrainingSetRef
-from tasks.stop import check_stop, install_stop_handlers, stop_requested, watch_parent
+from tasks.stop import arm_worker, check_stop, install_stop_handlers, stop_requested, watch_parent
 from tasks.storage import (
     code_version,
     commit_stage,
@@ -350,6 +350,7 @@ def train_model(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, see
     Raises:
         StopRequested: asked to stop; the steps done are checkpointed (resumable).
     """
+    arm_worker()
     spec, settings = _settings(model, cfg, seed)
     key = content_key("train", code_version(*CODE), ts.key, spec, settings)
     root = join(normalise(storage.work_uri), "checkpoints", key)
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     job = json.loads(raw)
-    install_stop_handlers()
+    install_stop_handlers(interrupt_main=False)
     if os.environ.get(PARENT_ENV):
         watch_parent(int(os.environ[PARENT_ENV]))
     cfg = TrainingConfig.model_validate(job["training"])

@@ -267,14 +267,18 @@ def test_stop_during_training_then_resume(server, tmp_path: Path, sig: int) -> N
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An untrained ``small`` model: slow enough on CPU that embedding a tile takes a while."""
+    """An untrained model about an eighth of ``small``: embedding a tile on CPU takes long
+    enough to be interrupted (tens of seconds at batch 64), and not much longer."""
     import torch
 
     from tessera_model import ModelSpec, TesseraModel, build_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
+    spec = ModelSpec(version="stop-test", latent_dim=128, d_model=32, n_layers=2, n_heads=2,
+                     ffn_dim=128, dropout=0.0, projector_dim=32, projector_layers=1,
+                     sample_steps=24)
     path = tmp_path_factory.mktemp("small") / "small.pt"
-    save_checkpoint(build_checkpoint(TesseraModel(ModelSpec.preset("small"))), path)
+    save_checkpoint(build_checkpoint(TesseraModel(spec)), path)
     return str(path)
 
 
@@ -289,7 +293,7 @@ def test_sigterm_during_embedding_then_resume(server, tmp_path: Path, small_chec
     p = _build(env, tmp_path, log, *sets)
     _wait(lambda: next(work.glob("embeddings/*/*.zarr/embedding"), None), 600,
           "the embedding to start", p)
-    time.sleep(1.0)
+    time.sleep(0.5)
     seconds = _stop(p, signal.SIGTERM)
     print(f"SIGTERM during embedding: stopped in {seconds:.1f} s")
     assert seconds < STOP_WITHIN_S, log.read_text()[-3000:]

@@ -222,3 +222,86 @@ def test_torchrun_job_holds_no_secret_and_no_file(
     assert "never-in-a-job" not in job and json.loads(job)["checkpoint"] == "/x/running.pt"
     assert not any(a.endswith(".json") for a in seen["cmd"])  # type: ignore[union-attr]
     assert [p.step for p in got] == [1]  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_and_resume(
+    dpixels: tuple[list[DPixelRef], StorageConfig], tmp_path: Path
+) -> None:
+    """A stop request reaches the torchrun ranks (torchrun gets SIGTERM and forwards it):
+    they checkpoint the steps done and exit, and the call raises StopRequested."""
+    from tasks.errors import StopRequested
+    from tasks.stop import clear_stop, request_stop
+    from tasks.train import TrainProgress
+
+    refs, storage = dpixels
+    storage = storage.model_copy(update={"work_uri": str(tmp_path / "work")})
+    ts = build_training_set(refs, CFG, seed=4, storage=storage)
+    cfg = CFG.model_copy(update={"steps": 400, "checkpoint_every": 1000, "processes": 2})
+    seen: list[TrainProgress] = []
+
+    def progress(p: TrainProgress) -> None:
+        seen.append(p)
+        request_stop("test")
+
+    try:
+        with pytest.raises(StopRequested):
+            train_model(ts, ModelConfig(preset="small"), cfg, 1, storage, progress=progress)
+    finally:
+        clear_stop()
+    running = next((tmp_path / "work" / "checkpoints").glob("*/running.pt"))
+    step = torch.load(running, weights_only=False)["step"]
+    assert seen and 1 <= step < 400  # the ranks saved the steps done (resumable)
+
+
+@pytest.mark.integration
+def test_resume_on_object_store_from_another_machine(
+    dpixels: tuple[list[DPixelRef], StorageConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an s3:// work root the running checkpoint is copied to
+    ``{work}/checkpoints/{key}/running.pt`` at each save (and on a stop), so a run on another
+    machine (no local scratch) resumes it; after the commit only model.pt is left."""
+    import shutil
+
+    from tasks.errors import StopRequested
+    from tasks.stop import clear_stop, request_stop
+    from tasks.train import TrainProgress, _scratch_dir
+    from tests.s3support import MotoServer, s3fs_for
+
+    pytest.importorskip("moto.server")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-TRAINTEST-0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "train-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    refs, local = dpixels
+    ts = build_training_set(refs, CFG, seed=4, storage=local)
+    cfg = CFG.model_copy(update={"steps": 5, "checkpoint_every": 100})
+    server = MotoServer().start()
+    try:
+        fs = s3fs_for(server.url)
+        fs.mkdir("work")
+        storage = local.model_copy(update={"work_uri": "s3://work/w", "s3_endpoint_url": server.url})
+
+        def stop_at_two(p: TrainProgress) -> None:
+            if p.step == 2:
+                request_stop("test")
+
+        try:
+            with pytest.raises(StopRequested):
+                train_model(ts, ModelConfig(preset="small"), cfg, 3, storage, progress=stop_at_two)
+        finally:
+            clear_stop()
+        [remote] = fs.glob("work/w/checkpoints/*/running.pt")
+        key = remote.split("/")[-2]
+        with fs.open(remote, "rb") as f:
+            assert torch.load(f, weights_only=False)["step"] == 2
+        shutil.rmtree(_scratch_dir(f"s3://{remote}", key))  # "another machine"
+        ck = train_model(ts, ModelConfig(preset="small"), cfg, 3, storage)
+        fs.invalidate_cache()
+        with fs.open(ck.uri.removeprefix("s3://"), "rb") as f:
+            final = torch.load(f, weights_only=False)
+        assert final["step"] == 5 and not fs.glob("work/w/checkpoints/*/running.pt")
+        whole = train_model(ts, ModelConfig(preset="small"), cfg, 3, local)  # uninterrupted
+        np.testing.assert_allclose(final["losses"],
+                                   torch.load(whole.uri, weights_only=False)["losses"], rtol=1e-5)
+    finally:
+        server.stop()
