@@ -72,6 +72,10 @@ SAME_REQUEST_S = 1.0
 child process gets Ctrl-C's SIGINT and its parent's forwarded SIGTERM)."""
 PARENT_POLL_S = 1.0
 """Seconds between checks that the parent process is still alive (:func:`watch_parent`)."""
+ORPHAN_EXIT_S = 15.0
+"""Seconds an orphaned worker gets to stop its work (a training rank saves its checkpoint)
+before it exits: nobody is left to take its result, and a client it holds may retry a dead
+API for minutes."""
 
 _stop = threading.Event()
 _state: dict[str, Any] = {"reason": None, "handled": None, "wakeup": None, "parent_watch": False}
@@ -280,8 +284,9 @@ def _arm_wakeup_watcher() -> None:
     threading.Thread(target=watch, name="tessera-stop-watch", daemon=True).start()
 
 
-def watch_parent(pid: int | None = None, poll_s: float = PARENT_POLL_S) -> None:
-    """Request a stop when the parent process ends (e.g. killed with ``kill -9``).
+def watch_parent(pid: int | None = None, poll_s: float = PARENT_POLL_S,
+                 exit_after_s: float | None = ORPHAN_EXIT_S) -> None:
+    """Request a stop when the parent process ends (e.g. killed with ``kill -9``), then exit.
 
     For child processes that do the work of a build (process-pool and Dask workers,
     torchrun ranks): without it they would run on, orphaned. Idempotent per process.
@@ -289,6 +294,8 @@ def watch_parent(pid: int | None = None, poll_s: float = PARENT_POLL_S) -> None:
     Args:
         pid: the process to watch; default this process's parent at the time of the call.
         poll_s: seconds between checks.
+        exit_after_s: after the stop request, exit (``os._exit(143)``) if still running
+            this many seconds later; None: never.
     """
     with _lock:
         if _state["parent_watch"]:
@@ -311,5 +318,9 @@ def watch_parent(pid: int | None = None, poll_s: float = PARENT_POLL_S) -> None:
         while alive():
             time.sleep(poll_s)
         request_stop(f"parent process {target} ended")
+        if exit_after_s is not None:
+            time.sleep(exit_after_s)
+            _flush()
+            os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="tessera-parent-watch", daemon=True).start()
