@@ -53,6 +53,12 @@ def make_source(cfg: SourceConfig, storage: StorageConfig | None = None) -> Scen
 
         cache = response_cache_uri(storage.work_uri) if storage else None
         return make_sentinelhub_source(cfg.sentinelhub, cache, storage)
+    if cfg.kind == "stac":
+        from tasks.sources.stac import make_stac_source
+        from tasks.sources.stac import response_cache_uri as stac_cache_uri
+
+        cache = stac_cache_uri(storage.work_uri) if storage else None
+        return make_stac_source(cfg.stac, cache, storage)
     raise ValueError(f"Expected a known source kind. Got {cfg.kind!r}.")  # pragma: no cover
 
 

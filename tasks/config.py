@@ -34,6 +34,7 @@ from shapely.validation import explain_validity
 from tasks.errors import ConfigError
 from tasks.grid import SHARD_PX, region_area_km2
 from tasks.sources._sh_config import SentinelHubConfig
+from tasks.sources._stac_config import StacConfig
 from tasks.sources.synthetic import SyntheticWorldConfig
 
 FIRST_YEAR = 2017
@@ -259,10 +260,11 @@ class StorageConfig(_Model):
 class SourceConfig(_Model):
     """Where scenes come from."""
 
-    kind: Literal["synthetic", "sentinelhub"] = Field(
+    kind: Literal["synthetic", "sentinelhub", "stac"] = Field(
         default="synthetic",
-        description="Scene source: 'synthetic' (the built-in synthetic Earth) or "
-        "'sentinelhub' (Sentinel Hub / CDSE / a compatible endpoint, see 'sentinelhub').",
+        description="Scene source: 'synthetic' (the built-in synthetic Earth), "
+        "'sentinelhub' (Sentinel Hub / CDSE / a compatible endpoint, see 'sentinelhub') or "
+        "'stac' (Planetary Computer / Earth Search COGs, no account needed, see 'stac').",
     )
     synthetic: SyntheticWorldConfig = Field(
         default_factory=SyntheticWorldConfig, description="Synthetic Earth parameters."
@@ -271,6 +273,11 @@ class SourceConfig(_Model):
         default_factory=SentinelHubConfig,
         description="Sentinel Hub endpoint, credentials (named, never stored), S1 processing, "
         "concurrency and processing-unit budget; used when kind is 'sentinelhub'.",
+    )
+    stac: StacConfig = Field(
+        default_factory=StacConfig,
+        description="STAC catalogues (preset, URLs, signing, key named never stored), "
+        "concurrency and retries; used when kind is 'stac'.",
     )
 
 
