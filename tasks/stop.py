@@ -79,7 +79,7 @@ API for minutes."""
 
 _stop = threading.Event()
 _state: dict[str, Any] = {"reason": None, "handled": None, "wakeup": None, "parent_watch": False}
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a signal handler may run while the main thread holds it
 
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
