@@ -94,8 +94,9 @@ class StacConfig(BaseModel):
     )
     s1_api_url: str | None = Field(
         default=None, pattern=_URL, max_length=512,
-        description="STAC API of the S1 collection, replacing the preset's; with preset "
-        "'custom' it defaults to api_url.",
+        description="STAC API of the S1 collection, replacing the preset's. None: api_url "
+        "where the preset reads S1 from the same API as S2 ('planetary-computer', 'custom'), "
+        "else the preset's.",
     )
     s2_collection: str = Field(
         default="sentinel-2-l2a", pattern=r"^[A-Za-z0-9._-]+$", max_length=128,
@@ -142,6 +143,12 @@ class StacConfig(BaseModel):
         default=None, pattern=r"^[a-z0-9-]+$", max_length=128,
         description='Name of a Prefect Secret block holding {"subscription_key": ...}; used '
         "instead of the environment variable.",
+    )
+    blob_mirror_url: str | None = Field(
+        default=None, pattern=_URL, max_length=512,
+        description="Read Azure blob hrefs (https://ACCOUNT.blob.core.windows.net/PATH) from "
+        "{blob_mirror_url}/ACCOUNT/PATH instead, after signing (a mirror or the local "
+        "endpoint's /blob).",
     )
     asset_href_rewrite: dict[str, str] = Field(
         default_factory=dict, max_length=8,
@@ -201,10 +208,11 @@ class StacConfig(BaseModel):
                            "planetary-computer", False, False)
         else:
             s2, s1 = PRESETS[self.preset]
+            shared = s1.api_url == s2.api_url
+            s1_url = self.s1_api_url or (self.api_url if shared and self.api_url else s1.api_url)
             s2 = Catalogue(self.api_url or s2.api_url, self.s2_collection, s2.naming, s2.sign,
                            s2.dn_offset_removed)
-            s1 = Catalogue(self.s1_api_url or s1.api_url, self.s1_collection, s1.naming, s1.sign,
-                           s1.dn_offset_removed)
+            s1 = Catalogue(s1_url, self.s1_collection, s1.naming, s1.sign, s1.dn_offset_removed)
 
         def pick(v: object, default: object) -> object:
             return default if v is None else v

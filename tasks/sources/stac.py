@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -84,6 +85,8 @@ S2_ASSET_BANDS: tuple[str, ...] = (*S2_BANDS, SCL)
 """Per S2 item: the 10 bands in TESSERA order, then the scene classification."""
 _CACHE_VERSION = 1
 _SIGN_LOCK = threading.Lock()
+_BLOB_DOMAIN = ".blob.core.windows.net"
+"""Azure blob storage hosts: where Planetary Computer's assets live (and what it signs)."""
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -435,6 +438,14 @@ class StacSource:
             except requests.RequestException as exc:
                 raise StacSourceError(tile.id, f"signing {redact_url(href)} failed: "
                                       f"{type(exc).__name__}.") from None
+        mirror = self.config.blob_mirror_url
+        if mirror:
+            parts = urllib.parse.urlsplit(href)
+            host = parts.hostname or ""
+            if host.endswith(_BLOB_DOMAIN):
+                account = host[: -len(_BLOB_DOMAIN)]
+                query = f"?{parts.query}" if parts.query else ""
+                return f"{mirror.rstrip('/')}/{account}{parts.path}{query}"
         for prefix, repl in self.config.asset_href_rewrite.items():
             if href.startswith(prefix):
                 return repl + href[len(prefix):]

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import planetary_computer.sas
 import pytest
 import zarr
 from pydantic import SecretStr, ValidationError
@@ -301,6 +302,8 @@ def test_unsigned_blob_refused_and_subscription_key(endpoint, tmp_path, monkeypa
         with pytest.raises(urllib.error.HTTPError, match="403"):
             urllib.request.urlopen(blob)
         cfg = _source_cfg(ep, subscription_key_env="TEST_PC_KEY")
+        # the package keeps SAS tokens per process (earlier tests got one without a key)
+        monkeypatch.setattr(planetary_computer.sas, "TOKEN_CACHE", {})
         monkeypatch.setenv("TEST_PC_KEY", "wrong-key")
         with pytest.raises(StacPermanentError) as err:
             acquire(TILE, YEAR, cfg, _storage(tmp_path / "bad"))

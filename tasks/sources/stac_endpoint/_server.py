@@ -439,11 +439,12 @@ class LocalEndpoint:
         if preset not in ("planetary-computer", "earth-search"):
             raise ValueError(f"Expected preset 'planetary-computer' or 'earth-search'. Got {preset!r}.")
         u = self.url
-        rewrite = {f"https://{a}.blob.core.windows.net/": f"{u}/blob/{a}/"
-                   for a, _ in BLOB_HOSTS.values()}
         pc = f"{u}{API['pc']}"
-        return {"preset": preset, "api_url": pc if preset == "planetary-computer" else f"{u}{API['es']}",
-                "s1_api_url": pc, "sas_url": f"{u}{SAS}", "asset_href_rewrite": rewrite}
+        out = {"preset": preset, "api_url": pc, "sas_url": f"{u}{SAS}",
+               "blob_mirror_url": f"{u}/blob"}
+        if preset == "earth-search":
+            out |= {"api_url": f"{u}{API['es']}", "s1_api_url": pc}
+        return out
 
     def start(self) -> LocalEndpoint:
         handler = type("Handler", (_Handler,), {"state": self.state})
