@@ -18,6 +18,7 @@ from tasks.config import SourceConfig, StorageConfig
 from tasks.grid import SHARD_PX, Tile
 from tasks.refs import SceneRef
 from tasks.sources.base import S1_BANDS, S2_BANDS, Orbit, SceneSource
+from tasks.stop import arm_worker, check_stop
 from tasks.storage import (
     code_version,
     commit_stage,
@@ -93,6 +94,7 @@ def acquire(tile: Tile, year: int, source: SourceConfig, storage: StorageConfig,
 
 def _write_scenes(tile: Tile, year: int, source: SourceConfig, storage: StorageConfig, uri: str,
                   key: str, scene_source: SceneSource | None) -> SceneRef:
+    arm_worker()
     t0 = time.perf_counter()
     src = scene_source or make_source(source, storage)
     if (prefetch := getattr(src, "prefetch", None)) is not None:
@@ -108,7 +110,9 @@ def _write_scenes(tile: Tile, year: int, source: SourceConfig, storage: StorageC
     scl = root.create_array("s2_scl", shape=(t, h, w), dtype="uint8", chunks=(1, block, block),
                             fill_value=0)
     offsets = np.zeros(t, dtype=np.int16)
+    what = f"scenes of tile {tile.id}"
     for i in range(0, t, DATES_PER_BLOCK):
+        check_stop(what)
         stack = src.read_s2(tile, s2_dates[i : i + DATES_PER_BLOCK])
         bands[i : i + len(stack.dates)] = stack.bands
         scl[i : i + len(stack.dates)] = stack.scl
@@ -124,6 +128,7 @@ def _write_scenes(tile: Tile, year: int, source: SourceConfig, storage: StorageC
                                 dtype="float32", chunks=(1, block, block, len(S1_BANDS)),
                                 fill_value=0.0)
         for i in range(0, len(dates), DATES_PER_BLOCK):
+            check_stop(what)
             stack = src.read_s1(tile, dates[i : i + DATES_PER_BLOCK], orbit)
             arr[i : i + len(stack.dates)] = stack.values
         root.create_array(f"s1_{orbit}_dates", data=_days(dates))

@@ -34,6 +34,7 @@ from tasks.config import DPixelConfig, StorageConfig
 from tasks.grid import SHARD_PX
 from tasks.refs import DPixelRef, MaskRef, SceneRef
 from tasks.sources.base import S2_BANDS
+from tasks.stop import arm_worker, check_stop
 from tasks.storage import (
     code_version,
     commit_stage,
@@ -83,6 +84,7 @@ def extract_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: 
 
 def _write_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: StorageConfig,
                    uri: str, key: str) -> DPixelRef:
+    arm_worker()
     t0 = time.perf_counter()
     sc = zarr.open_group(zarr_store(scene.uri, storage, read_only=True), mode="r")
     mk = zarr.open_group(zarr_store(mask.uri, storage, read_only=True), mode="r")
@@ -112,6 +114,7 @@ def _write_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: S
     valid_sum = 0
     for y in range(0, h, block):
         for x in range(0, w, block):
+            check_stop(f"d-pixels of tile {tile.id}")
             win = (slice(y, y + block), slice(x, x + block))
             if t:
                 dn = sc["s2_bands"].get_orthogonal_selection((keep, *win, slice(None)))

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from tasks.config import MaskConfig, StorageConfig
 from tasks.refs import MaskRef, SceneRef
+from tasks.stop import arm_worker, check_stop
 from tasks.storage import (
     code_version,
     commit_stage,
@@ -72,6 +73,7 @@ def cloud_mask(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig) -> Mask
 
 def _write_masks(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig, uri: str,
                  key: str) -> MaskRef:
+    arm_worker()
     t0 = time.perf_counter()
     src = zarr.open_group(zarr_store(scene.uri, storage, read_only=True), mode="r")
     scl = src["s2_scl"]
@@ -82,6 +84,7 @@ def _write_masks(scene: SceneRef, cfg: MaskConfig, storage: StorageConfig, uri: 
     frac = np.zeros(t, dtype=np.float32)
     cloudy = 0
     for i in range(t):
+        check_stop(f"cloud masks of tile {scene.tile.id}")
         codes = scl[i]
         valid = valid_mask(codes, cfg.invalid_scl, cfg.dilation_px)
         valid_arr[i] = valid.view(np.uint8)

@@ -86,7 +86,14 @@ class ResultIntegrityError(BaseException):
     """
 
 
+class TaskError(RuntimeError):
+    """A failed task's exception as read back from a result record: its type name and
+    message only (an exception is never rebuilt from a name read from a file)."""
+
+
 def _encode(obj: Any) -> Any:
+    if isinstance(obj, BaseException):
+        return {"__error__": type(obj).__name__, "message": str(obj)}
     if isinstance(obj, BaseModel):
         name = type(obj).__name__
         if RESULT_TYPES.get(name) is not type(obj):
@@ -97,8 +104,8 @@ def _encode(obj: Any) -> Any:
     if isinstance(obj, dict):
         if not all(isinstance(k, str) for k in obj):
             raise TypeError("Expected a dict with string keys.")
-        if "__ref__" in obj:
-            raise TypeError("Expected no '__ref__' key in a plain dict result.")
+        if "__ref__" in obj or "__error__" in obj:
+            raise TypeError("Expected no '__ref__' or '__error__' key in a plain dict result.")
         return {k: _encode(v) for k, v in obj.items()}
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
@@ -114,6 +121,8 @@ def _decode(obj: Any) -> Any:
             if cls is None or set(obj) != {"__ref__", "data"}:
                 raise ResultIntegrityError(f"unknown result type {obj.get('__ref__')!r} in a record")
             return cls.model_validate(obj["data"])
+        if "__error__" in obj and set(obj) == {"__error__", "message"}:
+            return TaskError(f"{obj['__error__']}: {obj['message']}")
         return {k: _decode(v) for k, v in obj.items()}
     return obj
 

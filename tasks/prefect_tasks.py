@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from tasks import acquire, catalog, dpixels, embed, mask, preview, publish, train
 from tasks.config import StorageConfig
+from tasks.errors import StopRequested
 from tasks.prefect_results import RefSerializer, ResultStorage
 from tasks.prefect_results import result_storage_for as _result_storage_for
 from tasks.slots import held_slot
@@ -84,7 +86,7 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 def transient(exc: BaseException) -> bool:
     """Whether a stage's error can go away on a retry."""
-    if isinstance(exc, SentinelHubPermanentError | PUBudgetError):
+    if isinstance(exc, StopRequested | SentinelHubPermanentError | PUBudgetError):
         return False
     if isinstance(exc, SentinelHubError):
         return True
@@ -154,9 +156,19 @@ def training_set_task(dpixel_refs, cfg, seed, storage):  # noqa: ANN001, ANN201
 
 @task(name="train", retries=1, retry_delay_seconds=RETRY_DELAYS, **_common)
 def train_task(training_set, model, cfg, seed, storage):  # noqa: ANN001, ANN201
-    """Holds a slot of the ``gpu`` concurrency limit (when it exists) while training."""
+    """Holds a slot of the ``gpu`` concurrency limit (when it exists) while training, and
+    reports steps, loss and time left in the run log and a ``training-progress`` artifact."""
+    log = get_run_logger()
+    art = create_progress_artifact(progress=0.0, key="training-progress",
+                                   description="Training steps done")
+
+    def progress(p: train.TrainProgress) -> None:
+        left = "?" if p.seconds_left is None else f"{p.seconds_left:.0f}"
+        log.info("training step %d/%d, loss %.4f, about %s s left", p.step, p.steps, p.loss, left)
+        update_progress_artifact(art, progress=100.0 * p.fraction)
+
     with held_slot(GPU_LIMIT):
-        return train.train_model(training_set, model, cfg, seed, storage)
+        return train.train_model(training_set, model, cfg, seed, storage, progress=progress)
 
 
 @task(name="given-checkpoint", retries=3, retry_delay_seconds=RETRY_DELAYS, **_common)
