@@ -30,7 +30,6 @@ EPILOG = """examples:
   tessera serve                              serve the deployments to the Prefect API in PREFECT_API_URL
   tessera shub-endpoint --port 8765          a local Sentinel Hub endpoint serving the synthetic Earth
   tessera stac-endpoint --port 8766          a local STAC API + COG server serving the synthetic Earth
-  tessera stac-endpoint --port 8766          a local STAC API + COG server serving the synthetic Earth
 """
 
 EXIT_BAD_INPUT = 2
@@ -254,17 +253,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="Chance of a transient COG fault (5xx, 429, dropped connection, cut body).")
     p.add_argument("--permanent", choices=("401", "403", "missing-asset"),
                    help="Refuse every COG request (401/403) or lose the B8A assets (404).")
-    p = sub.add_parser("stac-endpoint", help="Serve a local STAC API + SAS token + COG endpoint "
-                       "(the synthetic Earth, Planetary Computer and Earth Search conventions) on "
-                       "loopback.")
-    p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "localhost", "::1"))
-    p.add_argument("--port", type=int, default=8766, help="TCP port (0 = any free port).")
-    p.add_argument("--seed", type=int, default=0, help="Synthetic world seed.")
-    p.add_argument("--months", type=int, nargs="*", help="Serve only acquisitions in these months.")
-    p.add_argument("--fault-rate", type=float, default=0.0,
-                   help="Chance of a transient COG fault (5xx, 429, dropped connection, cut body).")
-    p.add_argument("--permanent", choices=("401", "403", "missing-asset"),
-                   help="Refuse every COG request (401/403) or lose the B8A assets (404).")
     p = sub.add_parser("export-dpixels", help="Export a tile's d-pixel group to reference npy folders.")
     p.add_argument("group_uri")
     p.add_argument("dest")
@@ -349,8 +337,6 @@ def _dispatch(a: argparse.Namespace, t0: float) -> int:
         return _shub_endpoint(a)
     if a.cmd == "stac-endpoint":
         return _stac_endpoint(a)
-    if a.cmd == "stac-endpoint":
-        return _stac_endpoint(a)
     if a.cmd == "export-dpixels":
         from tasks.config import StorageConfig
         from tasks.dpixel_folder import export_dpixel_folders
@@ -390,29 +376,6 @@ def _shub_endpoint(a: argparse.Namespace) -> int:
     print(f"client id {cfg.client_id!r}, secret {secret}. Build against it with:")
     print(f"  tessera demo --set source.kind=sentinelhub --set source.sentinelhub.preset=custom "
           f"--set source.sentinelhub.base_url={ep.url}")
-    print("Ctrl-C stops it.", flush=True)
-    ep.serve_forever()
-    return 0
-
-
-def _stac_endpoint(a: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from tasks.config import config_error_from
-    from tasks.sources.stac_endpoint import EndpointConfig, FaultConfig, LocalEndpoint
-
-    try:
-        cfg = EndpointConfig(host=a.host, port=a.port, world={"seed": a.seed},
-                             months=a.months or None,
-                             faults=FaultConfig(rate=a.fault_rate, permanent=a.permanent))
-    except ValidationError as exc:
-        raise config_error_from(exc) from None
-    ep = LocalEndpoint(cfg).start()
-    print(f"Local STAC endpoint at {ep.url}: Planetary Computer-like API {ep.url}/pc/api/stac/v1 "
-          f"(SAS tokens {ep.url}/pc/api/sas/v1/token), Earth Search-like API {ep.url}/es/v1.")
-    for preset in ("planetary-computer", "earth-search"):
-        sets = " ".join(f"--set source.stac.{k}={v}" for k, v in ep.stac_config(preset).items())
-        print(f"Build against it as {preset}:\n  tessera demo --set source.kind=stac {sets}")
     print("Ctrl-C stops it.", flush=True)
     ep.serve_forever()
     return 0
