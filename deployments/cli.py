@@ -233,6 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--build-limit", type=int, default=2, help="Concurrent builds in backfills.")
     p.add_argument("--sentinelhub-limit", type=int, default=2,
                    help="Tiles acquired from Sentinel Hub at once, across all builds.")
+    p.add_argument("--stac-limit", type=int, default=4,
+                   help="Tiles read from STAC catalogues at once, across all builds.")
     p = sub.add_parser("shub-endpoint", help="Serve a local Sentinel Hub endpoint (the synthetic "
                        "Earth) on loopback; credentials from SH_CLIENT_ID/SH_CLIENT_SECRET.")
     p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "localhost", "::1"))
@@ -327,7 +329,8 @@ def _dispatch(a: argparse.Namespace, t0: float) -> int:
         try:
             from deployments.serve import serve_all
 
-            ensure_limits(gpu=a.gpu_limit, builds=a.build_limit, sentinelhub=a.sentinelhub_limit)
+            ensure_limits(gpu=a.gpu_limit, builds=a.build_limit, sentinelhub=a.sentinelhub_limit,
+                          stac=a.stac_limit)
             serve_all()
         finally:
             proc.terminate()

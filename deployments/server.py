@@ -10,7 +10,7 @@ import urllib.request
 
 from flows.ops import BUILD_LIMIT
 from flows.runs import ensure_zombie_automation
-from tasks.prefect_tasks import GPU_LIMIT, SH_LIMIT
+from tasks.prefect_tasks import GPU_LIMIT, SH_LIMIT, STAC_LIMIT
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -76,8 +76,8 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 90.
     raise TimeoutError(f"Expected the Prefect API at {url} within {timeout:.0f} s. Got no answer.")
 
 
-def ensure_limits(gpu: int = 1, builds: int = 2, sentinelhub: int = 2) -> None:
-    """Create (or update) the ``gpu``, ``tessera-builds`` and ``sentinelhub`` limits, and the
+def ensure_limits(gpu: int = 1, builds: int = 2, sentinelhub: int = 2, stac: int = 4) -> None:
+    """Create (or update) the ``gpu``, ``tessera-builds``, ``sentinelhub`` and ``stac`` limits, and the
     automation that crashes flow runs whose heartbeats stopped (:mod:`flows.runs`)."""
     ensure_zombie_automation()
     from prefect.client.orchestration import get_client
@@ -88,7 +88,8 @@ def ensure_limits(gpu: int = 1, builds: int = 2, sentinelhub: int = 2) -> None:
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        for name, limit in ((GPU_LIMIT, gpu), (BUILD_LIMIT, builds), (SH_LIMIT, sentinelhub)):
+        for name, limit in ((GPU_LIMIT, gpu), (BUILD_LIMIT, builds), (SH_LIMIT, sentinelhub),
+                            (STAC_LIMIT, stac)):
             try:
                 client.read_global_concurrency_limit_by_name(name)
                 client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))

@@ -31,7 +31,8 @@ from tasks.storage import (
 CODE = (
     "tasks.acquire", "tasks.grid", "tasks.sources.base", "tasks.sources.synthetic",
     "tasks.sources._noise", "tasks.sources.sentinelhub", "tasks.sources._sh_config",
-    "tasks.sources._sh_requests",
+    "tasks.sources._sh_requests", "tasks.sources.stac", "tasks.sources._stac_config",
+    "tasks.sources._stac_http",
 )
 """Modules whose source is part of this stage's cache key."""
 ORBITS: tuple[Orbit, ...] = ("ascending", "descending")

@@ -33,6 +33,7 @@ from tasks.sources.sentinelhub import (
     SentinelHubPermanentError,
     estimate_acquisition,
 )
+from tasks.sources.stac import StacPermanentError, StacSourceError
 from tasks.storage import code_version, content_key, get_fs, is_transient
 
 RETRY_DELAYS = [2, 10, 30]
@@ -40,6 +41,9 @@ GPU_LIMIT = "gpu"
 """Global concurrency limit guarding training (create it with ``prefect gcl create gpu --limit N``)."""
 SH_LIMIT = "sentinelhub"
 """Global concurrency limit on tiles acquired from Sentinel Hub at once (its rate limit)."""
+STAC_LIMIT = "stac"
+"""Global concurrency limit on tiles read from STAC catalogues at once (each tile then uses
+``source.stac.max_connections`` connections)."""
 
 TASK_CODE: dict[str, tuple[str, ...]] = {
     "acquire": acquire.CODE,
@@ -86,9 +90,10 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 def transient(exc: BaseException) -> bool:
     """Whether a stage's error can go away on a retry."""
-    if isinstance(exc, StopRequested | SentinelHubPermanentError | PUBudgetError):
+    if isinstance(exc, StopRequested | SentinelHubPermanentError | PUBudgetError
+                  | StacPermanentError):
         return False
-    if isinstance(exc, SentinelHubError):
+    if isinstance(exc, SentinelHubError | StacSourceError):
         return True
     return is_transient(exc)
 
@@ -125,9 +130,11 @@ def acquire_task(tile, year, source, storage):  # noqa: ANN001, ANN201
     """Retries transient faults; a permanent failure (credentials, rejected request, PU
     budget) fails at once, without a retry storm. Sentinel Hub acquisitions hold a slot of
     the ``sentinelhub`` limit, which bounds concurrent tiles across every build and backfill
-    (each tile then uses ``source.sentinelhub.max_threads`` requests at a time)."""
-    if source.kind == "sentinelhub":
-        with held_slot(SH_LIMIT):
+    (each tile then uses ``source.sentinelhub.max_threads`` requests at a time); STAC reads
+    hold a slot of the ``stac`` limit the same way."""
+    limit = {"sentinelhub": SH_LIMIT, "stac": STAC_LIMIT}.get(source.kind)
+    if limit is not None:
+        with held_slot(limit):
             return acquire.acquire(tile, year, source, storage)
     return acquire.acquire(tile, year, source, storage)
 
