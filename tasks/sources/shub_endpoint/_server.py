@@ -26,13 +26,14 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
 import tifffile
 
 from tasks.grid import PIXEL_M, Tile, zone_of_lon
+from tasks.sources._loopback import LoopbackServer
 from tasks.sources.base import BASELINE_0400_START, S2_BANDS, S2_DN_OFFSET
 from tasks.sources.shub_endpoint._config import EndpointConfig, FaultConfig
 from tasks.sources.synthetic import SyntheticSource
@@ -520,24 +521,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPFault(500, f"Internal error: {type(exc).__name__}: {exc}"))
 
 
-class LocalEndpoint:
+class LocalEndpoint(LoopbackServer):
     """The local Sentinel Hub endpoint, served from a background thread.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`. ``url`` is the base URL
     (``http://127.0.0.1:<port>``); the token URL is ``{url}/oauth/token``.
     """
 
+    thread_name = "shub-endpoint"
+    handler = _Handler
+
     def __init__(self, config: EndpointConfig | None = None) -> None:
         self.state = EndpointState(config or EndpointConfig())
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("Expected a started endpoint. Got a stopped one.")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__()
 
     @property
     def stats(self) -> Stats:
@@ -554,37 +550,3 @@ class LocalEndpoint:
             self.state.stats = Stats()
             self.state.tokens.clear()
             self.state.revoked.clear()
-
-    def start(self) -> LocalEndpoint:
-        handler = type("Handler", (_Handler,), {"state": self.state})
-        cfg = self.state.config
-        self._server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="shub-endpoint",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> LocalEndpoint:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def serve_forever(self) -> None:
-        """Block until interrupted, then stop (the CLI's mode); starts the server if needed."""
-        if self._server is None:
-            self.start()
-        try:
-            while self._thread is not None and self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            self.stop()

@@ -31,12 +31,13 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
 from pydantic import SecretStr
 
+from tasks.sources._loopback import LoopbackServer
 from tasks.sources.stac_endpoint._config import EndpointConfig, FaultConfig
 from tasks.sources.stac_endpoint._world import BLOB_HOSTS, World
 
@@ -389,25 +390,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, "image/tiff", headers)
 
 
-class LocalEndpoint:
+class LocalEndpoint(LoopbackServer):
     """The local STAC endpoint, served from a background thread.
 
     Use as a context manager, or :meth:`start` / :meth:`stop`. :meth:`stac_config` gives the
     ``source.stac`` settings that read from it as one of the presets would.
     """
 
+    thread_name = "stac-endpoint"
+    handler = _Handler
+
     def __init__(self, config: EndpointConfig | None = None,
                  subscription_key: SecretStr | None = None) -> None:
         self.state = EndpointState(config or EndpointConfig(), subscription_key)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("Expected a started endpoint. Got a stopped one.")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__()
 
     @property
     def stats(self) -> Stats:
@@ -445,37 +441,3 @@ class LocalEndpoint:
         if preset == "earth-search":
             out |= {"api_url": f"{u}{API['es']}", "s1_api_url": pc}
         return out
-
-    def start(self) -> LocalEndpoint:
-        handler = type("Handler", (_Handler,), {"state": self.state})
-        cfg = self.state.config
-        self._server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="stac-endpoint",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> LocalEndpoint:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def serve_forever(self) -> None:
-        """Block until interrupted, then stop (the CLI's mode); starts the server if needed."""
-        if self._server is None:
-            self.start()
-        try:
-            while self._thread is not None and self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            self.stop()
