@@ -30,15 +30,17 @@ from tessera_model.errors import (
     TesseraModelError,
 )
 from tessera_model.infer import auto_batch_size, embed_pixels
+from tessera_model.infer_binned import embed_pixels_binned
 from tessera_model.losses import barlow_twins_loss, cross_correlation, mix_regulariser
 from tessera_model.model import TesseraModel, inference_state_dict
 from tessera_model.quantise import dequantise, quantise
 from tessera_model.sampling import sample_indices
-from tessera_model.spec import ModelSpec
+from tessera_model.spec import PRESET_NAMES, ModelSpec
 from tessera_model.train import TrainResult, TrainSettings, fit
 
 __all__ = [
     "FORMAT_VERSION",
+    "PRESET_NAMES",
     "S1_BANDS",
     "S1_MEAN",
     "S1_STD",
@@ -65,6 +67,7 @@ __all__ = [
     "decode_s1",
     "dequantise",
     "embed_pixels",
+    "embed_pixels_binned",
     "encode_s1",
     "fit",
     "inference_state_dict",

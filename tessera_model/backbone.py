@@ -1,9 +1,11 @@
-"""Per-modality encoder of TESSERA v1.0: band embedding + DOY encoding + transformer + pooling."""
+"""Per-modality encoder of TESSERA (v1.0, v1.1, v2): band embedding + DOY encoding + transformer
++ pooling (GRU attention pooling for v1.0/v1.1, query attention pooling for v2)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from tessera_model.attention_pooling import QueryAttentionPooling
 from tessera_model.encoding import doy_encoding
 from tessera_model.errors import InputShapeError
 from tessera_model.pooling import TemporalAttentionPooling
@@ -19,7 +21,8 @@ class ModalityEncoder(nn.Module):
     - fixed sin/cos encoding of the raw DOY, added to the embedding
     - ``transformer_encoder``: ``n_layers`` post-LN, ReLU, batch-first
       :class:`torch.nn.TransformerEncoderLayer` (no padding mask: T is fixed)
-    - ``attn_pool``: :class:`TemporalAttentionPooling`
+    - ``attn_pool``: :class:`TemporalAttentionPooling` (v1.0, v1.1) or
+      :class:`QueryAttentionPooling` (v2)
     """
 
     def __init__(self, in_channels: int, spec: ModelSpec) -> None:
@@ -43,7 +46,11 @@ class ModalityEncoder(nn.Module):
         self.transformer_encoder = nn.TransformerEncoder(
             layer, num_layers=spec.n_layers, enable_nested_tensor=False
         )
-        self.attn_pool = TemporalAttentionPooling(spec.d_model)
+        self.attn_pool: nn.Module = (
+            QueryAttentionPooling(spec.d_model)
+            if spec.family == "v2"
+            else TemporalAttentionPooling(spec.d_model)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode.

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: our format and the official TESSERA v1.0 files, loaded strictly.
+"""Checkpoint I/O: our format and the official TESSERA v1.0, v1.1 and v2 files, loaded strictly.
 
 Our format (``format_version`` 1) is a dict::
 
@@ -8,7 +8,13 @@ Our format (``format_version`` 1) is a dict::
 
 The official files hold the weights under ``model_state`` or ``model_state_dict`` (keys may
 carry the ``_orig_mod.`` prefix left by ``torch.compile``) and no spec: the v1 preset is
-assumed unless another is named.
+assumed unless another is named (``"v1.1"`` / ``"v1.1-aws"`` for the v1.1 encoders, whose
+training-only ``projector.*`` and ``segmented_matryoshka_projector.*`` keys are dropped).
+
+The official v2 student files (``shared/reference/tessera-v2.md`` section 5) hold the weights
+under ``model`` (no prefix) and the training arguments under ``args``; the size is read from
+``args`` (``latent_dim``, ``num_layers``, ``nhead``, ``dim_feedforward``, ``repr_dim``) and
+checked against the tensor shapes, never taken from defaults (trap 7 of section 8).
 """
 
 from __future__ import annotations
@@ -24,11 +30,16 @@ from torch import Tensor
 
 from tessera_model.errors import CheckpointError, StateDictMismatchError
 from tessera_model.model import PROJECTOR_PREFIX, TesseraModel, inference_state_dict
-from tessera_model.spec import ModelSpec
+from tessera_model.spec import V2_SIZES, ModelSpec
 
 FORMAT_VERSION = 1
 _STATE_KEYS = ("model_state_dict", "model_state")
 _STRIP_PREFIXES = ("_orig_mod.", "module.")
+_TRAINING_ONLY_PREFIXES = (PROJECTOR_PREFIX, "segmented_matryoshka_projector.")
+STUDENT_STATE_KEY = "model"
+"""Top-level key of the weights in an official v2 student file."""
+STUDENT_ARGS = ("latent_dim", "num_layers", "nhead", "dim_feedforward", "repr_dim")
+"""``args`` entries that fix a student's architecture (heads cannot be read from shapes)."""
 
 PathOrFile = str | os.PathLike[str] | IO[bytes]
 
@@ -126,6 +137,76 @@ def _extract_state(obj: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
+def _layer_count(state: dict[str, Tensor], prefix: str) -> int:
+    layers = {k[len(prefix) :].split(".", 1)[0] for k in state if k.startswith(prefix)}
+    return len(layers)
+
+
+def student_spec(args: Any, state: dict[str, Tensor]) -> ModelSpec:
+    """The spec of an official v2 student file from its ``args``, checked against shapes.
+
+    Args:
+        args: the file's ``args`` (a dict; an ``argparse.Namespace`` is read with ``vars``).
+        state: its state dict (``model``).
+
+    Returns:
+        The matching ``v2-{size}`` preset, or a spec of the same family for another size.
+
+    Raises:
+        CheckpointError: an ``args`` entry missing, QK-norm enabled, or an entry that the
+            tensor shapes contradict (names the entry and both values).
+    """
+    if args is not None and not isinstance(args, dict):
+        args = vars(args) if hasattr(args, "__dict__") else None
+    if not isinstance(args, dict):
+        raise CheckpointError(
+            "Expected a dict 'args' in the v2 student checkpoint (the size is read from it). "
+            f"Got {type(args).__name__}."
+        )
+    missing = [k for k in STUDENT_ARGS if k not in args]
+    if missing:
+        raise CheckpointError(
+            f"Expected args {list(STUDENT_ARGS)} in the v2 student checkpoint. Missing: "
+            f"{missing} (the reference would silently build the small size)."
+        )
+    if str(args.get("enable_qk_norm", False)).lower() in ("true", "1"):
+        raise CheckpointError("Expected args enable_qk_norm false (official students). Got true.")
+    want = {k: int(args[k]) for k in STUDENT_ARGS}
+    emb = "s2_backbone.embedding.0.weight"
+    lin1 = "s2_backbone.transformer_encoder.layers.0.linear1.weight"
+    head = "dim_reducer.4.weight"
+    for key in (emb, lin1, head):
+        if key not in state:
+            raise CheckpointError(f"Expected key {key!r} in the v2 student state dict. Got none.")
+    shapes = {
+        "latent_dim": int(state[emb].shape[0]) // 4,
+        "num_layers": _layer_count(state, "s2_backbone.transformer_encoder.layers."),
+        "dim_feedforward": int(state[lin1].shape[0]),
+        "repr_dim": int(state[head].shape[0]),
+    }
+    for k, v in shapes.items():
+        if want[k] != v:
+            raise CheckpointError(
+                f"Expected args {k}={want[k]} to fit the tensor shapes. Got shapes that say {v}."
+            )
+    dims = (want["latent_dim"], want["num_layers"], want["nhead"], want["dim_feedforward"])
+    for size, preset_dims in V2_SIZES.items():
+        if dims == preset_dims and want["repr_dim"] == 128:
+            return ModelSpec.preset(f"v2-{size}")
+    return ModelSpec.preset("v2-small").model_copy(
+        update={
+            "version": f"v2.0-L{dims[0]}",
+            "size": f"L{dims[0]}",
+            "d_model": 4 * dims[0],
+            "n_layers": dims[1],
+            "n_heads": dims[2],
+            "ffn_dim": dims[3],
+            "latent_dim": want["repr_dim"],
+            "embed_dim": want["repr_dim"],
+        }
+    )
+
+
 def check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:
     """Raise :class:`StateDictMismatchError` naming every missing/unexpected/mis-shaped key."""
     missing = [k for k in expected if k not in found]
@@ -145,17 +226,21 @@ def load_model(
     inference_only: bool = True,
     map_location: str | torch.device = "cpu",
     allow_pickle: bool = False,
+    spec: ModelSpec | None = None,
 ) -> tuple[TesseraModel, ModelSpec]:
     """Load a model from our checkpoint format or an official TESSERA file.
 
     Args:
         file_or_path: path or binary file object (fsspec files work).
-        preset: spec to use when the file stores none (default ``"v1"``); if the file stores
-            a spec that differs from this preset, :class:`CheckpointError` is raised.
+        preset: spec to use when the file stores none (official v1.0/v1.1 files; default
+            ``"v1"``); if the file stores or implies a spec (ours, or a v2 student's ``args``)
+            that differs from this preset, :class:`CheckpointError` is raised.
         inference_only: build without the projector and ignore ``projector.*`` keys; the
             model is returned in eval mode. Otherwise the projector must be present.
         map_location: device to load onto.
         allow_pickle: see :func:`read_checkpoint`.
+        spec: the spec of an official v1.0/v1.1 file of a size no preset names (instead of
+            ``preset``).
 
     Returns:
         ``(model, spec)``.
@@ -171,15 +256,27 @@ def load_model(
             f"Expected checkpoint format_version {FORMAT_VERSION}. Got {version!r} "
             "(written by another version of tessera_model)."
         )
-    if "model_spec" in obj:
+    given = spec
+    student = "model_spec" not in obj and STUDENT_STATE_KEY in obj
+    if student:
+        state = obj[STUDENT_STATE_KEY]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"Expected the model state to be a dict. Got {type(state)}.")
+        spec = student_spec(obj.get("args"), state)
+    elif "model_spec" in obj:
         spec = ModelSpec.model_validate(obj["model_spec"])
-        if preset is not None and ModelSpec.preset(preset) != spec:
-            raise CheckpointError(
-                f"Expected a checkpoint of preset {preset!r}. Got spec {spec.model_dump()}."
-            )
+        state = _extract_state(obj)
     else:
-        spec = ModelSpec.preset(preset or "v1")
-    state = _extract_state(obj)
+        spec = given or ModelSpec.preset(preset or "v1")
+        state = _extract_state(obj)
+    if given is None and preset is not None and ModelSpec.preset(preset) != spec:
+        got = spec.model_dump(include={"version", "family", "d_model", "n_layers", "ffn_dim"})
+        raise CheckpointError(
+            f"Expected a checkpoint of preset {preset!r} "
+            f"({ModelSpec.preset(preset).version}). Got a file of {got}."
+        )
+    if spec.family != "v1.0":
+        state = {k: v for k, v in state.items() if not k.startswith(_TRAINING_ONLY_PREFIXES)}
     if inference_only:
         state = {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
     model = TesseraModel(spec, with_projector=not inference_only)

@@ -44,15 +44,18 @@ def _check_shape(name: str, arr: npt.NDArray, shape: tuple[int | None, ...]) -> 
         raise InputShapeError(f"Expected {name} of shape {want}. Got {arr.shape}.")
 
 
-def activation_bytes_per_pixel(spec: ModelSpec, dtype_bytes: int = 4) -> int:
+def activation_bytes_per_pixel(
+    spec: ModelSpec, dtype_bytes: int = 4, steps: int | None = None
+) -> int:
     """Upper estimate of the inference activation memory of one pixel (both modalities).
 
     Per modality and layer the live tensors are about the FFN hidden ``(T, ffn)``, a few
     ``(T, d)`` buffers (input, QKV, attention output, residuals) and the ``(heads, T, T)``
     scores; the estimate counts ``ffn + 8 d + heads * T`` values per step, twice (two
     modalities), in ``dtype_bytes`` (4: float32 on CPU; bf16 autocast keeps some fp32).
+    ``steps`` is the sequence length (default ``spec.sample_steps``; a bin for v1.1/v2).
     """
-    t, d = spec.sample_steps, spec.d_model
+    t, d = steps or spec.sample_steps, spec.d_model
     return 2 * t * (spec.ffn_dim + 8 * d + spec.n_heads * t) * dtype_bytes
 
 
@@ -60,7 +63,9 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(x).bit_length() - 1)
 
 
-def auto_batch_size(spec: ModelSpec, device: str | torch.device | None = None) -> int:
+def auto_batch_size(
+    spec: ModelSpec, device: str | torch.device | None = None, steps: int | None = None
+) -> int:
     """Pixels per forward pass from the memory the device has free.
 
     CUDA: ``CUDA_FREE_FRACTION`` of ``torch.cuda.mem_get_info`` divided by
@@ -73,7 +78,7 @@ def auto_batch_size(spec: ModelSpec, device: str | torch.device | None = None) -
         budget = CUDA_FREE_FRACTION * free
     else:
         budget = CPU_BATCH_BUDGET_BYTES
-    size = _pow2_floor(budget / activation_bytes_per_pixel(spec))
+    size = _pow2_floor(budget / activation_bytes_per_pixel(spec, steps=steps))
     return int(min(AUTO_BATCH_MAX, max(AUTO_BATCH_MIN, size)))
 
 
@@ -109,8 +114,9 @@ def embed_pixels(
     compile: bool = False,
     prefetch: bool | None = None,
     before_batch: Callable[[], None] | None = None,
+    all_steps_fallback: bool = False,
 ) -> npt.NDArray[np.float32]:
-    """Embed pixels; each pixel's result depends only on its data, id and the seed.
+    """Embed pixels (v1.0 family); each pixel's result depends only on its data, id and seed.
 
     ``spec.sample_steps`` valid steps are sampled per modality and pixel with
     :func:`sample_indices` (stream 0 for S2, 1 for S1), normalised with the v1.0 constants,
@@ -144,9 +150,13 @@ def embed_pixels(
         before_batch: called before every forward pass; whatever it raises aborts the call
             (e.g. ``tasks.stop.check_stop``, so a stop request ends a long tile within one
             batch). It does not change any result.
+        all_steps_fallback: the v1.0 reference's coverage (``shared/reference/tessera.md``;
+            reference ``sample_s2_batch``/``sample_s1_batch``): a modality with no valid step
+            samples from all its steps (cloudy S2, zero S1), so a pixel is embedded when
+            either modality has a valid step. Off: both modalities need one.
 
     Returns:
-        (N, latent_dim) float32; NaN rows where either modality has no valid step.
+        (N, embed_dim) float32; NaN rows for pixels not covered (see ``all_steps_fallback``).
     """
     n, t2 = s2_valid.shape[0], s2_valid.shape[-1]
     t1 = s1_valid.shape[-1]
@@ -169,7 +179,7 @@ def embed_pixels(
     batch = batch_size or auto_batch_size(model.spec, dev)
     k = model.spec.sample_steps
     cuda = dev.type == "cuda"
-    out = np.full((n, model.spec.latent_dim), np.nan, dtype=np.float32)
+    out = np.full((n, model.spec.embed_dim), np.nan, dtype=np.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     encode = torch.compile(model.encode, dynamic=False) if compile else model.encode
     min_rows = batch if compile else MIN_FORWARD_ROWS
@@ -177,7 +187,13 @@ def embed_pixels(
     def prepare(start: int) -> tuple[int, np.ndarray, torch.Tensor, torch.Tensor] | None:
         sl = slice(start, min(start + batch, n))
         v2, v1 = s2_valid[sl], s1_valid[sl]
-        rows = np.nonzero(v2.any(axis=1) & v1.any(axis=1))[0]
+        has2, has1 = v2.any(axis=1), v1.any(axis=1)
+        if all_steps_fallback:
+            rows = np.nonzero((has2 | has1) & (t2 > 0) & (t1 > 0))[0]
+            v2 = np.where(has2[:, None], v2, True)
+            v1 = np.where(has1[:, None], v1, True)
+        else:
+            rows = np.nonzero(has2 & has1)[0]
         if rows.size == 0:
             return None
         ids = pixel_ids[sl][rows]

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from tessera_model.backbone import ModalityEncoder
 from tessera_model.errors import SpecError
+from tessera_model.heads import fusion_head
 from tessera_model.spec import ModelSpec
 
 PROJECTOR_PREFIX = "projector."
@@ -35,7 +36,7 @@ class Projector(nn.Module):
 
 
 class TesseraModel(nn.Module):
-    """TESSERA v1.0-style model built from a :class:`ModelSpec`.
+    """A TESSERA model (v1.0, v1.1 or a v2 student) built from a :class:`ModelSpec`.
 
     Args:
         spec: hyper-parameters.
@@ -45,10 +46,15 @@ class TesseraModel(nn.Module):
 
     def __init__(self, spec: ModelSpec, with_projector: bool = True) -> None:
         super().__init__()
+        if with_projector and spec.family != "v1.0":
+            raise SpecError(
+                f"Expected with_projector=False for a {spec.family} model (only v1.0-family "
+                "models train here). Got with_projector=True."
+            )
         self.spec = spec
         self.s2_backbone = ModalityEncoder(spec.s2_channels, spec)
         self.s1_backbone = ModalityEncoder(spec.s1_channels, spec)
-        self.dim_reducer = nn.Sequential(nn.Linear(2 * spec.d_model, spec.latent_dim))
+        self.dim_reducer = fusion_head(spec)
         self.projector: Projector | None = (
             Projector(spec.latent_dim, spec.projector_dim, spec.projector_layers)
             if with_projector
@@ -63,10 +69,12 @@ class TesseraModel(nn.Module):
             s1: (B, T1, s1_channels + 1) normalised S1 bands + raw DOY column.
 
         Returns:
-            (B, latent_dim) embeddings.
+            (B, embed_dim) embeddings: the first ``embed_dim`` of the head's ``latent_dim``
+            outputs (all of them except for v1.1, which keeps 128 of 192).
         """
         fused = torch.cat([self.s2_backbone(s2), self.s1_backbone(s1)], dim=-1)
-        return self.dim_reducer(fused)
+        out = self.dim_reducer(fused)
+        return out if self.spec.embed_dim == self.spec.latent_dim else out[:, : self.spec.embed_dim]
 
     def forward(self, s2: Tensor, s1: Tensor) -> tuple[Tensor, Tensor]:
         """Training forward: returns ``(embedding (B, L), projection (B, H))``."""

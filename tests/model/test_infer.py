@@ -91,3 +91,25 @@ def test_auto_batch_size_follows_memory(monkeypatch: pytest.MonkeyPatch) -> None
     assert infer.auto_batch_size(v1, torch.device("cuda")) == infer.AUTO_BATCH_MAX
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (1 << 20, 80 << 30))
     assert infer.auto_batch_size(v1, torch.device("cuda")) == infer.AUTO_BATCH_MIN
+
+
+def test_v1_reference_coverage_samples_all_steps_of_an_empty_stream(
+    model: TesseraModel, tile_pixels: TilePixels
+) -> None:
+    """v1.0 reference: no valid S2 (or S1) -> sample from all its steps; none at all: no-data."""
+    p = tile_pixels
+    p.s1_valid[5] = False
+    p.s2_valid[5] = False  # pixel 5: no observation at all
+    args = (p.s2, p.s2_valid, p.s2_doy, p.s1, p.s1_valid, p.s1_doy, p.s1_keys, p.pixel_ids)
+    strict = embed_pixels(model, *args, seed=5, batch_size=8, device="cpu")
+    cover = embed_pixels(model, *args, seed=5, batch_size=8, device="cpu",
+                         all_steps_fallback=True)  # fmt: skip
+    assert np.isnan(strict[[0, 2, 5]]).all() and np.isnan(cover[5]).all()
+    assert np.isfinite(cover[[0, 2]]).all()
+    both = p.s2_valid.any(1) & p.s1_valid.any(1)
+    np.testing.assert_array_equal(cover[both], strict[both])  # covered pixels unchanged
+    s2v, s1v = p.s2_valid.copy(), p.s1_valid.copy()
+    s2v[0], s1v[2] = True, True  # the fallback is exactly "every step is a candidate"
+    forced = embed_pixels(model, p.s2, s2v, p.s2_doy, p.s1, s1v, p.s1_doy, p.s1_keys,
+                          p.pixel_ids, seed=5, batch_size=8, device="cpu")  # fmt: skip
+    np.testing.assert_array_equal(cover[[0, 2]], forced[[0, 2]])

@@ -18,7 +18,7 @@ def test_small_preset_outputs_128() -> None:
 
 
 def test_unknown_preset_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"\['small', 'v1'\].*'v2'"):
+    with pytest.raises(ValueError, match=r"\['small', 'v1', 'v1.1', .*'v2-nano'.*\]. Got 'v2'"):
         ModelSpec.preset("v2")
 
 
