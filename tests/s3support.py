@@ -291,15 +291,20 @@ class FaultProxy:
 
 
 def needles(secret: str) -> list[bytes]:
-    """Byte patterns that would reveal ``secret``: as is, URL-quoted, JSON-escaped and inside
-    base64 at each of the three alignments (the stable middle of each encoding)."""
+    """Byte patterns that would reveal ``secret``: as is, URL-quoted, JSON-escaped (``\\/``
+    too), UTF-16, inside base64 at each of the three alignments (the stable middle of each
+    encoding), and its longest run of letters, digits and dashes (whatever escaping the
+    other characters get) when that run is 16 characters or more."""
     import base64
     import json
     from urllib.parse import quote
 
     raw = secret.encode()
     out = {raw, quote(secret, safe="").encode(), json.dumps(secret)[1:-1].encode(),
-           secret.encode("utf-16-le")}
+           secret.encode("utf-16-le"), json.dumps(secret)[1:-1].replace("/", "\\/").encode()}
+    runs = re.findall(r"[A-Za-z0-9-]{16,}", secret)
+    if runs:
+        out.add(max(runs, key=len).encode())
     for pad in range(3):
         enc = base64.b64encode(b"\0" * pad + raw)
         core = enc[4:-4] if len(enc) > 12 else enc

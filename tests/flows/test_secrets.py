@@ -271,5 +271,28 @@ def test_secret_block_is_encrypted_at_rest_and_readable_through_the_api(server, 
     assert BLOCK_SECRET not in token and BLOCK_KEY_ID not in token
     assert ("ENCRYPTION_KEY",) in keys  # the key sits beside the data it protects
     with temporary_settings(updates={PREFECT_API_URL: server.api}):
-        value = json.loads(Secret.load(BLOCK_NAME).get())
+        value = Secret.load(BLOCK_NAME).get()
+    value = json.loads(value) if isinstance(value, str) else value
     assert value["secret_access_key"] == BLOCK_SECRET
+
+
+def test_the_search_finds_what_is_planted(tmp_path) -> None:  # noqa: ANN001
+    """Controls: the search sees a canary as it is, URL-quoted, JSON-escaped or inside base64
+    at any alignment, and sees a file just written under the temporary directory."""
+    import base64
+    from urllib.parse import quote
+
+    planted = _canary("SECRET", "planted") + "/+z"
+    for prefix in (b"", b"x", b"xy"):
+        blob = b'{"result": "' + base64.b64encode(prefix + planted.encode() + b"tail") + b'"}'
+        assert find_needles([("b64", blob)], [planted]) == [f"b64: {planted[:14]}..."]
+    assert find_needles([("q", quote(planted, safe="").encode())], [planted])
+    assert find_needles([("j", json.dumps({"k": planted}).encode().replace(b"/", b"\\/"))], [planted])
+    assert not find_needles([("other", ALL_CANARIES[0].encode())], [planted])
+    since = time.time() - 1
+    with tempfile.NamedTemporaryFile(dir=tempfile.gettempdir(), prefix="tessera-canary-") as f:
+        f.write(b"..." + planted.encode() + b"...")
+        f.flush()
+        hits = find_needles(files_newer_than(tempfile.gettempdir(), since, skip=_own_outputs()),
+                            [planted])
+    assert hits == [f"{f.name}: {planted[:14]}..."]
