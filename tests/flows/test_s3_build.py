@@ -13,6 +13,7 @@ Builds are module-scoped and shared between tests.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -226,7 +227,11 @@ def test_build_with_training_on_s3(prefect_harness, s3_bucket, moto_s3, timings)
     fs = s3fs_for(moto_s3)
     work = cfg.storage.work_uri.removeprefix("s3://")
     assert [p for p in fs.find(f"{work}/checkpoints") if p.endswith(".pt")], "no checkpoint on S3"
-    assert fs.find(f"{work}/prefect-results"), "no Prefect results on S3"
+    results = fs.find(f"{work}/prefect-results")
+    assert results, "no Prefect results on S3"
+    for key in results:  # JSON records, no pickle anywhere
+        body = fs.cat_file(key)
+        assert isinstance(json.loads(body), dict) and b"pickle" not in body, key
     assert not Path("tessera-work").exists() and not Path("tessera-out").exists()
 
 
