@@ -26,6 +26,8 @@ import socket
 from typing import Any
 from uuid import UUID
 
+from tasks.liveness import pid_alive, process_start
+
 LOGGER = logging.getLogger(__name__)
 
 FACTORY_FLOWS = ("build-region", "build-region-stages", "backfill", "annual-build", "train")
@@ -37,26 +39,6 @@ STALE_BEATS = 3
 ZOMBIE_AUTOMATION = "tessera-crash-zombie-flow-runs"
 L_HOST, L_PID, L_START, L_BEAT = ("tessera.host", "tessera.pid", "tessera.pid_start",
                                   "tessera.heartbeat_s")
-
-
-def _process_start(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (Linux), to tell reused pids apart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().rsplit(b")", 1)[1].split()
-        return stat[19].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start is None or _process_start(pid) in (None, start)
 
 
 def _heartbeat_s() -> int | None:
@@ -74,7 +56,7 @@ def claim_current_run() -> None:
     if ctx is None or ctx.flow_run is None:
         return
     labels: dict[str, Any] = {L_HOST: socket.gethostname(), L_PID: str(os.getpid())}
-    if (start := _process_start(os.getpid())) is not None:
+    if (start := process_start(os.getpid())) is not None:
         labels[L_START] = start
     if (beat := _heartbeat_s()) is not None:
         labels[L_BEAT] = str(max(30, beat))
@@ -100,7 +82,7 @@ def _dead_reason(client: Any, run: Any, now: dt.datetime, host: str) -> str | No
     if L_PID not in labels:
         return None
     if labels.get(L_HOST) == host:
-        if not _alive(int(labels[L_PID]), labels.get(L_START)):
+        if not pid_alive(int(labels[L_PID]), labels.get(L_START)):
             return f"its process (pid {labels[L_PID]} on {host}) is gone"
         return None
     beat = labels.get(L_BEAT)

@@ -83,6 +83,7 @@ from zarr.codecs import BloscCodec
 from tasks.config import PublishConfig, StorageConfig
 from tasks.errors import DataError, StorageError
 from tasks.grid import PIXEL_M, SHARD_PX, Tile
+from tasks.liveness import known_dead, this_process
 from tasks.refs import EmbeddingRef, PublishRef
 from tasks.storage import content_key, get_fs, join, write_bytes_atomic, zarr_store
 
@@ -445,6 +446,11 @@ def _create_zone(
 # --------------------------------------------------------------------------------------------
 
 
+def _LEASE_BODY() -> bytes:  # noqa: N802 - reads as a constant
+    """A lease's content: the writer's identity (host, pid, process start), no secret."""
+    return json.dumps(this_process(), sort_keys=True).encode()
+
+
 class ZoneLease:
     """A writer lease on one zone group of a year store: shared (publish) or exclusive (grow).
 
@@ -453,7 +459,10 @@ class ZoneLease:
     A shared lease holds when no live exclusive one is listed; an exclusive one when nothing
     else live is listed. Otherwise it deletes itself and retries after a random back-off. Of
     two writers that both write then list, at least one sees the other, so a conflicting pair
-    never both hold. Leases older than ``ttl_s`` are ignored (crashed writers).
+    never both hold. Leases older than ``ttl_s`` are ignored (crashed writers), and a lease
+    whose writer is known dead (it names a process of this host that is gone, e.g. a build
+    killed with ``kill -9``) is removed at once, so a resume on the same machine does not
+    wait out the TTL.
 
     Use as a context manager::
 
@@ -497,11 +506,12 @@ class ZoneLease:
         while True:
             name = f"{'x' if self.exclusive else 's'}-{time.time_ns()}-{uuid.uuid4().hex}"
             uri = join(self.dir_uri, name)
-            write_bytes_atomic(uri, b"{}", self.storage)
+            write_bytes_atomic(uri, _LEASE_BODY(), self.storage)
             _, path = get_fs(uri, self.storage)
             names = [p.rsplit("/", 1)[-1] for p in _ls(fs, dir_path)]
             names = [n for n in names if n[:2] in ("x-", "s-")]  # not temporary files
             others = [n for n in self._live(names, time.time_ns()) if n != name]
+            others = [n for n in others if not self._reap_dead(fs, dir_path, n)]
             conflict = bool(others) if self.exclusive else any(n[0] == "x" for n in others)
             if not conflict:
                 self._path, self._since = path, time.monotonic()
@@ -518,6 +528,21 @@ class ZoneLease:
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 1.0)
 
+    def _reap_dead(self, fs: Any, dir_path: str, name: str) -> bool:
+        """Remove the lease ``name`` if its writer is known dead; True if it was removed."""
+        try:
+            with fs.open(f"{dir_path}/{name}", "rb") as f:
+                holder = json.loads(f.read() or b"{}")
+        except (FileNotFoundError, ValueError):
+            return False
+        if not isinstance(holder, dict) or not known_dead(holder):
+            return False
+        try:
+            fs.rm(f"{dir_path}/{name}")
+        except FileNotFoundError:
+            pass
+        return True
+
     def renew(self) -> None:
         """Keep a long hold alive: past a third of the TTL, write a fresh lease, drop the old.
 
@@ -528,7 +553,7 @@ class ZoneLease:
         fs, _ = get_fs(self.dir_uri, self.storage)
         name = f"{'x' if self.exclusive else 's'}-{time.time_ns()}-{uuid.uuid4().hex}"
         uri = join(self.dir_uri, name)
-        write_bytes_atomic(uri, b"{}", self.storage)
+        write_bytes_atomic(uri, _LEASE_BODY(), self.storage)
         old, (_, self._path), self._since = self._path, get_fs(uri, self.storage), time.monotonic()
         fs.rm(old)
 

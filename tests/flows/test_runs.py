@@ -61,14 +61,15 @@ def _state(run_id):  # noqa: ANN001, ANN202
 
 
 def test_dead_runs_are_crashed_and_live_ones_kept(prefect_harness) -> None:
-    from flows.runs import L_BEAT, L_HOST, L_PID, L_START, _process_start, crash_dead_runs
+    from flows.runs import L_BEAT, L_HOST, L_PID, L_START, crash_dead_runs
+    from tasks.liveness import process_start
 
     host = socket.gethostname()
     gone = subprocess.Popen(["true"])
     gone.wait()
     dead_here = _running_run({L_HOST: host, L_PID: str(gone.pid)})
     alive_here = _running_run({L_HOST: host, L_PID: str(os.getpid()),
-                               L_START: _process_start(os.getpid()) or ""})
+                               L_START: process_start(os.getpid()) or ""})
     reused_pid = _running_run({L_HOST: host, L_PID: str(os.getpid()), L_START: "1"})
     silent_elsewhere = _running_run({L_HOST: "other-host", L_PID: "1", L_BEAT: "30"})
     beating_elsewhere = _running_run({L_HOST: "other-host", L_PID: "2", L_BEAT: "30"})
