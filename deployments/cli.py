@@ -30,6 +30,9 @@ EPILOG = """examples:
   tessera serve                              serve the deployments to the Prefect API in PREFECT_API_URL
   tessera shub-endpoint --port 8765          a local Sentinel Hub endpoint serving the synthetic Earth
   tessera stac-endpoint --port 8766          a local STAC API + COG server serving the synthetic Earth
+  tessera evaluate                           label-efficiency report of the demo build (after 'tessera demo')
+  tessera train-head --labels crops.gpkg --column crop --year 2024    a head on your labels
+  tessera predict-map tessera-out/heads/head/KEY --year 2024 --cog   a predicted map
 """
 
 EXIT_BAD_INPUT = 2
@@ -255,6 +258,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="Chance of a transient COG fault (5xx, 429, dropped connection, cut body).")
     p.add_argument("--permanent", choices=("401", "403", "missing-asset"),
                    help="Refuse every COG request (401/403) or lose the B8A assets (404).")
+    p = sub.add_parser("evaluate", help="Label-efficiency evaluation of a build (its config; the "
+                       "demo's by default) against raw-feature and random-init baselines.")
+    _build_args(p)
+    p = sub.add_parser("train-head", help="Train a classification/regression head on a label "
+                       "file (GeoParquet, GeoPackage, GeoJSON, CSV) over a published store.")
+    p.add_argument("--labels", required=True, help="Label file (local path or s3://).")
+    p.add_argument("--column", required=True, help="Class or value column.")
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--output", help="Output root holding {year}.zarr (default tessera-out).")
+    p.add_argument("--work", help="Work root.")
+    p.add_argument("--name", default="head", help="Artifact name (heads/NAME/VERSION).")
+    p.add_argument("--head", choices=("linear", "random_forest", "gradient_boosting", "mlp"),
+                   default="linear")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Any train-head config field, e.g. split.by=polygon or id_column=pid.")
+    p = sub.add_parser("predict-map", help="Apply a saved head to a published store (Zarr map, "
+                       "optional COG).")
+    p.add_argument("head_uri", help="The head folder (heads/NAME/VERSION).")
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--output", help="Output root holding {year}.zarr (default tessera-out).")
+    p.add_argument("--work", help="Work root.")
+    p.add_argument("--bbox", nargs=4, type=float, metavar=("MIN_LON", "MIN_LAT", "MAX_LON", "MAX_LAT"))
+    p.add_argument("--cog", action="store_true", help="Also write a Cloud-Optimised GeoTIFF.")
+    p.add_argument("--map", dest="map_uri", help="Where the map's Zarr goes.")
     p = sub.add_parser("export-dpixels", help="Export a tile's d-pixel group to reference npy folders.")
     p.add_argument("group_uri")
     p.add_argument("dest")
@@ -340,6 +367,8 @@ def _dispatch(a: argparse.Namespace, t0: float) -> int:
         return _shub_endpoint(a)
     if a.cmd == "stac-endpoint":
         return _stac_endpoint(a)
+    if a.cmd in ("evaluate", "train-head", "predict-map"):
+        return _heads_command(a)
     if a.cmd == "export-dpixels":
         from tasks.config import StorageConfig
         from tasks.dpixel_folder import export_dpixel_folders
@@ -354,6 +383,57 @@ def _dispatch(a: argparse.Namespace, t0: float) -> int:
         print(import_dpixel_folder(a.folder, a.group_uri, StorageConfig()))
         return 0
     raise AssertionError(a.cmd)  # pragma: no cover
+
+
+def _heads_command(a: argparse.Namespace) -> int:
+    """``evaluate``, ``train-head``, ``predict-map``: validate, start the API, run the flow."""
+    from pydantic import ValidationError
+
+    from tasks.config import _deep_merge, config_error_from, parse_overrides
+
+    storage = {k: v for k, v in (("output_uri", a.output), ("work_uri", a.work)) if v}
+    try:
+        if a.cmd == "evaluate":
+            cfg = _load(a, demo=a.config is None and not a.bbox)
+            cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
+                update={"enabled": True})})
+        elif a.cmd == "train-head":
+            from tasks.heads.config import TrainHeadConfig
+
+            base = {"labels_uri": a.labels, "label_column": a.column, "year": a.year,
+                    "name": a.name, "head": {"kind": a.head}, "storage": storage}
+            cfg = TrainHeadConfig.model_validate(_deep_merge(base, parse_overrides(a.set)))
+        else:
+            from tasks.heads.config import PredictMapConfig
+
+            cfg = PredictMapConfig(head_uri=a.head_uri, year=a.year, storage=storage,
+                                   bbox=a.bbox, cog=a.cog, map_uri=a.map_uri)
+    except ValidationError as exc:
+        raise config_error_from(exc) from None
+    from tasks.heads.stages import check_inputs
+    from tasks.stop import install_stop_handlers
+
+    check_inputs(cfg)  # bad labels or a missing head fail here, before any server starts
+    install_stop_handlers()
+    ensure_prefect_api()
+    from flows import heads
+
+    if a.cmd == "evaluate":
+        ref = heads.evaluate(config=cfg)
+        print(ref.markdown)
+        print(f"Report, curves and confusion matrix: {ref.uri}")
+        if ref.map_uri:
+            print(f"Predicted map: {ref.map_uri} (preview {ref.map_png})")
+    elif a.cmd == "train-head":
+        ref = heads.train_head(config=cfg)
+        print(f"Head {ref.uri}: {ref.n_samples} samples of {ref.n_polygons} polygons, "
+              f"held-out {ref.metrics}")
+        print(f"Map it with: tessera predict-map {ref.uri} --year {ref.year}")
+    else:
+        ref = heads.predict_map(config=cfg)
+        print(f"Map {ref.uri}: {ref.n_valid} pixels, groups {', '.join(ref.groups)}"
+              + (f"; COG {', '.join(ref.cog_uris)}" if ref.cog_uris else ""))
+    return 0
 
 
 def _shub_endpoint(a: argparse.Namespace) -> int:

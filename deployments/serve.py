@@ -13,6 +13,7 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.build import build_region
+from flows.heads import evaluate, predict_map, train_head
 from flows.ops import annual_build, backfill, train_region
 from tasks.config import RegionConfig, demo_config
 
@@ -53,6 +54,25 @@ def deployments() -> list[RunnerDeployment]:
             description="Train a model on a region's d-pixels (GPU pool; holds the 'gpu' limit).",
             parameters={"config": demo},
             tags=["tessera", "gpu"],
+        ),
+        evaluate.to_deployment(
+            name="evaluate",
+            description="Label-efficiency evaluation of a built region's embeddings against "
+            "raw-feature and random-init baselines (synthetic ground truth or a label file).",
+            parameters={"config": {**demo, "evaluation": {**demo["evaluation"], "enabled": True}}},
+            tags=["tessera", "heads"],
+        ),
+        train_head.to_deployment(
+            name="train-head",
+            description="Train a classification/regression head on labels (GeoParquet, "
+            "GeoPackage, GeoJSON, CSV) over a published store; a versioned artifact.",
+            tags=["tessera", "heads"],
+        ),
+        predict_map.to_deployment(
+            name="predict-map",
+            description="Apply a saved head to a published store: class + probability or "
+            "value maps (Zarr, optional COG) on the store's grid.",
+            tags=["tessera", "heads"],
         ),
     ]
 

@@ -21,6 +21,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from flows.heads import run_evaluation
 from flows.runs import claim_current_run, crash_dead_runs
 from tasks import prefect_tasks as pt
 from tasks.config import BuildConfig, RunnerConfig
@@ -168,6 +169,8 @@ def build_stages(config: BuildConfig) -> BuildResult:
         create_markdown_artifact(markdown=preview_markdown(pv.png_uri, st, f"{g} {cfg.year}"),
                                  key=f"preview-{g}", description=f"PCA RGB quicklook of {g} {cfg.year}")
     log.info("catalogue: %d tile(s), %s", cat.result().n_tiles, cat.result().manifest_uri)
+    if cfg.evaluation.enabled:  # label-efficiency report + predicted map (flows/heads.py)
+        run_evaluation(cfg, dps, ckpt)
 
     rows = _tile_rows(scenes, masks, dps, embs, pubs)
     create_table_artifact(table=rows, key="build-tiles",

@@ -462,6 +462,66 @@ class RunnerConfig(_Model):
     )
 
 
+class EvaluationConfig(_Model):
+    """Label-efficiency evaluation at the end of a build (``tasks.heads``; docs/heads.md).
+
+    Heads are fitted on k labelled polygons per class of the build's published embeddings,
+    of a raw-feature baseline from the same d-pixels and of a random-init encoder, and scored
+    on held-out spatial blocks. Off by default; the demo turns it on.
+    """
+
+    enabled: bool = Field(default=False, description="Run the evaluation after publishing.")
+    labels: Literal["land_cover", "canopy_height", "file"] = Field(
+        default="land_cover",
+        description="Synthetic Earth ground truth (land_cover: classes by parcel; "
+        "canopy_height: metres) or a label file (labels_uri).",
+    )
+    labels_uri: str | None = Field(
+        default=None, description="GeoParquet, GeoPackage, GeoJSON or CSV (lon/lat) labels.")
+    label_column: str = Field(default="label", description="Class or value column of labels_uri.")
+    id_column: str | None = Field(default=None, description="Polygon id column (default: row).")
+    head: Literal["linear", "random_forest", "gradient_boosting", "mlp"] = Field(
+        default="linear", description="Head fitted for every k and seed.")
+    ks: tuple[Annotated[int, Field(ge=1, le=10_000)], ...] = Field(
+        default=(1, 2, 5, 10, 20, 50, 100), min_length=1,
+        description="Labelled polygons per class (value quintile for regression).")
+    seeds: int = Field(default=3, ge=1, le=50, description="Random draws per k.")
+    split_by: Literal["block", "polygon"] = Field(
+        default="block", description="Hold out whole spatial blocks, or whole polygons.")
+    block_m: float = Field(default=1280.0, ge=10, le=1e6, description="Spatial block side, m.")
+    test_fraction: float = Field(default=0.3, gt=0, lt=1, description="Share held out.")
+    max_per_polygon: int = Field(default=20, ge=1, le=10_000,
+                                 description="Pixels sampled per polygon at most.")
+    edge_px: int = Field(default=1, ge=0, le=10, description="Synthetic labels: skip pixels "
+                         "within this many pixels of another parcel (mixed pixels).")
+    raw_baseline: bool = Field(default=True, description="Compare with per-band seasonal "
+                               "statistics of the same d-pixels.")
+    random_init_baseline: bool = Field(default=True, description="Compare with the same "
+                                       "architecture, untrained (random weights).")
+    random_init_seed: int = Field(default=12345, ge=0, description="Seed of the random-init "
+                                  "encoder's weights.")
+    gate_k: int = Field(default=10, ge=1, description="k at which the gates are checked.")
+    min_score: float | None = Field(default=None, ge=-1e3, le=1, description="Fail below this "
+                                    "mean macro-F1 (R^2 for regression) of the embeddings.")
+    min_gain_over_random_init: float | None = Field(
+        default=None, ge=-1, le=1, description="Fail unless the embeddings beat the random-init "
+        "encoder by this much (macro-F1 or R^2).")
+    min_gain_over_raw: float | None = Field(
+        default=None, ge=-1, le=1, description="Fail unless the embeddings beat the raw-feature "
+        "baseline by this much.")
+    fail_build: bool = Field(default=True, description="A failed gate fails the build (else "
+                             "it is only reported).")
+    predict_map: bool = Field(default=True, description="Also fit a head on every sample and "
+                              "write a predicted map of the build's region with a preview.")
+    cog: bool = Field(default=False, description="Also write the predicted map as COG.")
+
+    @model_validator(mode="after")
+    def _file_needs_uri(self) -> EvaluationConfig:
+        if self.labels == "file" and not self.labels_uri:
+            raise ValueError("Expected labels_uri when labels is 'file'. Got none.")
+        return self
+
+
 class BuildConfig(_Model):
     """Everything one build of one region and year needs."""
 
@@ -490,6 +550,8 @@ class BuildConfig(_Model):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="Embedding.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Publishing.")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Task execution.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig,
+                                         description="Label-efficiency evaluation (optional).")
 
     @field_validator("year")
     @classmethod

@@ -39,7 +39,7 @@ from tasks.sources._noise import hash_keys, tag, uniform
 from tasks.storage import commit_stage, get_fs, join, write_bytes_atomic
 
 __all__ = ["Head", "HeadConfig", "HeadRef", "SplitConfig", "fit_head", "load_head",
-           "metrics", "save_head", "split_test"]
+           "metrics", "save_head", "split_test", "write_head"]
 
 HeadKind = Literal["linear", "random_forest", "gradient_boosting", "mlp"]
 
@@ -315,24 +315,26 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
 # --- artifacts -----------------------------------------------------------------------------
 
 
+def write_head(head: Head, uri: str, storage: StorageConfig, ref: HeadRef) -> HeadRef:
+    """Write a head's folder (``model.pkl`` then ``head.json``); no commit marker."""
+    t0 = time.perf_counter()
+    blob = pickle.dumps({"cfg": head.cfg.model_dump(mode="json"), "task": head.task,
+                         "n_classes": head.n_classes, "mean": head.mean, "std": head.std,
+                         "seen": head.seen, "model": head.model}, protocol=5)
+    write_bytes_atomic(join(uri, "model.pkl"), blob, storage)
+    meta = {**ref.model_dump(mode="json", exclude={"seconds"}),
+            "config": head.cfg.model_dump(mode="json"),
+            "model_sha256": hashlib.sha256(blob).hexdigest()}
+    write_bytes_atomic(join(uri, "head.json"), json.dumps(meta, indent=1).encode(), storage)
+    return ref.model_copy(update={"seconds": ref.seconds + round(time.perf_counter() - t0, 3)})
+
+
 def save_head(head: Head, uri: str, storage: StorageConfig, ref: HeadRef) -> HeadRef:
-    """Write a head's folder (``model.pkl`` then ``head.json``) and commit it at ``uri``.
+    """Write a head's folder and commit it at ``uri`` (:func:`tasks.storage.commit_stage`).
 
     Idempotent: a committed head at ``uri`` is returned as it is.
     """
-
-    def write() -> HeadRef:
-        t0 = time.perf_counter()
-        blob = pickle.dumps({"cfg": head.cfg.model_dump(mode="json"), "task": head.task,
-                             "n_classes": head.n_classes, "mean": head.mean, "std": head.std,
-                             "seen": head.seen, "model": head.model}, protocol=5)
-        write_bytes_atomic(join(uri, "model.pkl"), blob, storage)
-        meta = {**ref.model_dump(mode="json"), "config": head.cfg.model_dump(mode="json"),
-                "model_sha256": hashlib.sha256(blob).hexdigest()}
-        write_bytes_atomic(join(uri, "head.json"), json.dumps(meta, indent=1).encode(), storage)
-        return ref.model_copy(update={"seconds": ref.seconds + round(time.perf_counter() - t0, 3)})
-
-    return commit_stage(uri, storage, HeadRef, write)
+    return commit_stage(uri, storage, HeadRef, lambda: write_head(head, uri, storage, ref))
 
 
 def load_head(uri: str, storage: StorageConfig | None = None) -> tuple[Head, dict[str, Any]]:
