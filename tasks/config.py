@@ -322,12 +322,37 @@ class DPixelConfig(_Model):
 
 
 class ModelConfig(_Model):
-    """Which TESSERA network to use."""
+    """Which TESSERA network to use, and where its official checkpoint's trust comes from."""
 
-    preset: Literal["small", "v1"] = Field(
+    preset: Literal[
+        "small", "v1", "v1.1", "v1.1-aws", "v2-nano", "v2-small", "v2-medium", "v2-large"
+    ] = Field(
         default="small",
-        description="'v1' matches the published TESSERA v1.0 model; 'small' trains in a "
-        "minute on a laptop.",
+        description="'v1' matches the published TESSERA v1.0 model; 'v1.1' / 'v1.1-aws' the "
+        "v1.1 encoders (MPC or AWS statistics); 'v2-nano|small|medium|large' the TESSERA v2 "
+        "students (inference only, Matryoshka embeddings); 'small' trains in a minute on a "
+        "laptop (v1.0 architecture).",
+    )
+    checkpoint_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected SHA-256 of training.checkpoint_uri; a different file is refused "
+        "before any tile is embedded (official v2 files on the Hub are checked without it).",
+    )
+    hf_token_secret: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Prefect Secret block holding a Hugging Face Hub token (a string or "
+        '{"token": ...}); default: HF_TOKEN from the environment, or none (public files).',
+    )
+    hf_endpoint: str | None = Field(
+        default=None,
+        pattern=r"^https?://.+",
+        description="Hugging Face Hub endpoint; default: HF_ENDPOINT or the public Hub.",
+    )
+    hf_cache_dir: str | None = Field(
+        default=None,
+        description="Hub download cache folder; default: the Hub's own (HF_HUB_CACHE / HF_HOME).",
     )
 
 
@@ -411,16 +436,40 @@ class EmbeddingConfig(_Model):
         "about a minute per process).",
     )
     min_valid_s2: int = Field(
-        default=4, ge=1, le=366, description="Pixels with fewer valid S2 steps are no-data."
+        default=0,
+        ge=0,
+        le=366,
+        description="Stricter mask: pixels with fewer valid S2 steps are no-data. 0: the "
+        "preset's reference coverage (every pixel with at least one valid S2 or S1 step).",
     )
     min_valid_s1: int = Field(
-        default=1, ge=1, le=366, description="Pixels with fewer valid S1 steps are no-data."
+        default=0,
+        ge=0,
+        le=366,
+        description="Stricter mask: pixels with fewer valid S1 steps are no-data (0: the "
+        "reference coverage).",
     )
     device: Device = Field(default="auto", description="Inference device.")
+    bf16: bool = Field(
+        default=False,
+        description="v1.1/v2 on CUDA: run under bf16 autocast (the v1.1 reference's GPU "
+        "default; v2's reference runs fp32). v1.0 models always use bf16 on CUDA.",
+    )
+
+    def coverage_rule(self, family: str) -> str:
+        """The coverage rule recorded with every embedding (and in the published store)."""
+        rule = {"v1.0": "v1.0-reference", "v1.1": "v1.1-reference", "v2": "v2-reference"}
+        return f"{rule[family]};min_valid_s2={self.min_valid_s2};min_valid_s1={self.min_valid_s1}"
 
 
 class PublishConfig(_Model):
     """int8 publishing into the ``tessera:`` Zarr convention."""
+
+    dims: Literal[16, 32, 64, 128] = Field(
+        default=128,
+        description="Matryoshka prefix K: publish only the first K dims of each embedding "
+        "(v2 students only; other models need 128). A store holds one K.",
+    )
 
     compression_level: int = Field(default=3, ge=1, le=9, description="Blosc zstd level.")
     build_version: str = Field(

@@ -38,6 +38,7 @@ __all__ = [
     "S3Credentials",
     "SentinelHubCredentials",
     "block_ref",
+    "hf_token",
     "known_secrets",
     "load_block_data",
     "redact_secrets",
@@ -222,11 +223,39 @@ def sentinelhub_credentials(
     return SentinelHubCredentials(cid, SecretStr(secret))
 
 
+HF_TOKEN_ENV = "HF_TOKEN"
+"""Environment variable of a Hugging Face Hub token (huggingface_hub's own name for it)."""
+
+
+def hf_token(
+    secret_block: str | None,
+    environ: Mapping[str, str] | None = None,
+    loader: BlockLoader | None = None,
+    field_name: str = "model.hf_token_secret",
+) -> str | None:
+    """A Hugging Face Hub token: from the Secret block named (the token as a string, or
+    ``{"token": ...}``), else ``HF_TOKEN`` from the environment, else None (public files)."""
+    if secret_block:
+        value = _secret_json(load_block_data(secret_block, field_name, loader))
+        if value is None:
+            value = load_block_data(secret_block, field_name, loader).get("value")
+        token = value.get("token") if isinstance(value, dict) else value
+        if not isinstance(token, str) or not token:
+            raise ConfigError(field_name, f"expected block {secret_block!r} to hold a Hub token "
+                              '(a string or {"token": ...}). Got another value')
+        _remember(token)
+        return token
+    env = os.environ if environ is None else environ
+    token = env.get(HF_TOKEN_ENV) or None
+    _remember(token)
+    return token
+
+
 def known_secrets(environ: Mapping[str, str] | None = None) -> set[str]:
     """Secret values this process knows: resolved ones and the AWS ones in the environment."""
     env = os.environ if environ is None else environ
     out = set(_seen)
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", HF_TOKEN_ENV):
         v = env.get(name)
         if v and len(v) >= 4:
             out.add(v)

@@ -4,7 +4,22 @@ Reads a tile's d-pixels block by block (every timestep of a square of pixels), d
 pixel's temporal sample from a counter-based hash of (seed, global pixel id, day of year), so
 a pixel's embedding does not depend on batch size, block or tile split, and writes float32
 embeddings (H, W, 128) with NaN rows for no-data pixels: outside the tile's own UTM zone
-band (native-UTM rule), or with fewer valid observations than configured.
+band (native-UTM rule), not covered by the model version's reference coverage rule, or with
+fewer valid observations than a stricter configured minimum.
+
+Coverage per version (``shared/reference/tessera.md``; ``tessera-v2.md`` sections 3, 6, 8):
+
+- v1.0 (presets ``v1`` and ``small``): a pixel is embedded when any of its S2 band values is
+  non-zero and it has at least one valid S2 or S1 step; a modality with no valid step samples
+  from all its steps (cloudy S2, zero S1); an orbit the tile has no S1 scene for is fed as one
+  zero step at day 180, as the reference's loader does.
+- v1.1 and v2: every pixel with at least one valid S2 or S1 step; an empty stream is fed as
+  zero tokens; observations are selected deterministically (:mod:`tessera_model.binning`).
+- A pixel with no valid observation at all is no-data in every version (the reference
+  embeds uninitialised memory or zeros there).
+
+The rule that made an embedding is recorded in its attributes (``coverage_rule``) and,
+when published, in the zone store.
 
 The whole tile is embedded, whatever part of it the build's region covers: the published
 unit is the tile, so its content never depends on which region asked for it, and builds of
@@ -31,17 +46,25 @@ from tasks.storage import (
     code_version,
     commit_stage,
     content_key,
-    get_fs,
     join,
     normalise,
     zarr_store,
 )
-from tessera_model import embed_pixels, load_model
+from tessera_model import (
+    ModelSpec,
+    embed_pixels,
+    embed_pixels_binned,
+    is_own_format,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 
-CODE = ("tasks.embed", "tasks.grid", "tessera_model")
+CODE = ("tasks.embed", "tasks.grid", "tasks.checkpoints", "tessera_model")
 _CPU_LOCK = threading.Lock()
 S1_ORBIT_KEY = {"ascending": 0, "descending": 1000}
 """Added to an S1 day of year to make the sampling key of a step (asc/desc may share a DOY)."""
+V1_EMPTY_ORBIT_DOY = 180
+"""v1.0 reference: an orbit without any S1 scene is one all-zero step at day 180."""
 
 
 def pixel_ids(tile: Tile, rows: slice, cols: slice) -> np.ndarray:
@@ -78,9 +101,13 @@ class _ModelCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            fs, path = get_fs(ckpt.uri, storage)
-            with fs.open(path, "rb") as f:
-                model, spec = load_model(f)
+            from tasks.checkpoints import open_for_embedding
+
+            with open_for_embedding(ckpt, storage) as f:
+                obj = read_checkpoint(f)
+            model, spec = model_from_checkpoint(
+                obj, preset=None if is_own_format(obj) else ckpt.preset
+            )
             import torch
 
             dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -99,10 +126,15 @@ class _ModelCache:
 _MODELS = _ModelCache()
 
 
+def model_family(ckpt: CheckpointRef) -> str:
+    """The family of a checkpoint's preset (our own checkpoints are v1.0-family)."""
+    return ModelSpec.preset(ckpt.preset).family
+
+
 def embedding_uri(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
                   seed: int, storage: StorageConfig) -> tuple[str, str]:
     key = content_key("embed", code_version(*CODE), dp.key, ckpt.key,
-                      cfg.min_valid_s2, cfg.min_valid_s1, seed)
+                      cfg.coverage_rule(model_family(ckpt)), cfg.bf16, seed)
     return join(normalise(storage.work_uri), "embeddings", dp.tile.id, f"{key}.zarr"), key
 
 
@@ -133,13 +165,20 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
     inside = native_mask(tile)
     src = zarr.open_group(zarr_store(dp.uri, storage, read_only=True), mode="r")
     out = zarr.open_group(zarr_store(uri, storage), mode="w")
-    h, w, d = tile.height, tile.width, spec.latent_dim
+    h, w, d = tile.height, tile.width, spec.embed_dim
     c = src["bands"].chunks[1]
     emb = out.create_array("embedding", shape=(h, w, d), dtype="float32",
                            chunks=(c, c, d), fill_value=np.nan)
     s2_doy = src["doys"][:]
-    s1_doy = np.concatenate([src[f"sar_{o}_doy"][:] for o in ORBITS])
-    s1_keys = np.concatenate([src[f"sar_{o}_doy"][:].astype(np.int64) + S1_ORBIT_KEY[o] for o in ORBITS])
+    orbit_doys = {o: src[f"sar_{o}_doy"][:] for o in ORBITS}
+    v1_family = spec.family == "v1.0"
+    # v1.0 reference: an orbit with no scene at all is one zero step at day 180.
+    dummy = {o: v1_family and orbit_doys[o].size == 0 for o in ORBITS}
+    doys = {o: np.array([V1_EMPTY_ORBIT_DOY], np.uint16) if dummy[o] else orbit_doys[o]
+            for o in ORBITS}
+    s1_doy = np.concatenate([doys[o] for o in ORBITS]).astype(np.uint16)
+    s1_keys = np.concatenate([doys[o].astype(np.int64) + S1_ORBIT_KEY[o] for o in ORBITS])
+    s1_desc = np.concatenate([np.full(doys[o].size, o == "descending") for o in ORBITS])
     block = max(SHARD_PX, c)
     n_valid = 0
     for y in range(0, h, block):
@@ -150,25 +189,41 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
             sel = inside[rows, cols].ravel()
             s2 = np.moveaxis(src["bands"][:, rows, cols, :], 0, 2).reshape(bh * bw, -1, 10)
             s2_valid = np.moveaxis(src["masks"][:, rows, cols], 0, 2).reshape(bh * bw, -1) > 0
-            s1 = np.concatenate([np.moveaxis(src[f"sar_{o}"][:, rows, cols, :], 0, 2)
-                                 .reshape(bh * bw, -1, 2) for o in ORBITS], axis=1)
+            s1 = np.concatenate([
+                np.zeros((bh * bw, 1, 2), np.int16) if dummy[o] else
+                np.moveaxis(src[f"sar_{o}"][:, rows, cols, :], 0, 2).reshape(bh * bw, -1, 2)
+                for o in ORBITS], axis=1)  # fmt: skip
             s1_valid = (s1 != 0).any(-1)
-            sel &= (s2_valid.sum(1) >= cfg.min_valid_s2) & (s1_valid.sum(1) >= cfg.min_valid_s1)
+            n2, n1 = s2_valid.sum(1), s1_valid.sum(1)
+            sel &= (n2 > 0) | (n1 > 0)  # no observation at all: no-data in every version
+            sel &= (n2 >= cfg.min_valid_s2) & (n1 >= cfg.min_valid_s1)  # stricter options
+            if v1_family:
+                sel &= (s2 != 0).any(axis=(1, 2))  # the v1.0 reference skips all-zero S2
             block_emb = np.full((bh * bw, d), np.nan, dtype=np.float32)
             idx = np.flatnonzero(sel)
             if idx.size:
                 # On CPU torch already uses every core: concurrent tiles of one process take
                 # turns rather than oversubscribe the cores (which stalls its thread pool).
                 with _CPU_LOCK if device.type == "cpu" else contextlib.nullcontext():
-                    block_emb[idx] = embed_pixels(
-                        model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx], s1_doy,
-                        s1_keys, pixel_ids(tile, rows, cols)[idx], seed=seed,
-                        batch_size=cfg.batch_size, device=device, compile=cfg.compile,
-                        before_batch=lambda: check_stop(what),
-                    )
+                    if v1_family:
+                        block_emb[idx] = embed_pixels(
+                            model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx],
+                            s1_doy, s1_keys, pixel_ids(tile, rows, cols)[idx], seed=seed,
+                            batch_size=cfg.batch_size, device=device, compile=cfg.compile,
+                            before_batch=lambda: check_stop(what), all_steps_fallback=True,
+                        )
+                    else:
+                        block_emb[idx] = embed_pixels_binned(
+                            model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_doy, s1_desc,
+                            batch_size=cfg.batch_size, device=device, bf16=cfg.bf16,
+                            before_batch=lambda: check_stop(what),
+                        )
             emb[rows, cols, :] = block_emb.reshape(bh, bw, d)
             n_valid += int(idx.size)
     out.attrs.update({"tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),
-                      "checkpoint_key": ckpt.key, "model_version": ckpt.model_version})
+                      "checkpoint_key": ckpt.key, "model_version": ckpt.model_version,
+                      "model_preset": ckpt.preset, "model_family": spec.family,
+                      "model_size": spec.size, "spec_version": spec.version,
+                      "coverage_rule": cfg.coverage_rule(spec.family)})
     return EmbeddingRef(uri=uri, key=key, tile=tile, n_valid=n_valid, n_nodata=h * w - n_valid,
                         seconds=round(time.perf_counter() - t0, 3))

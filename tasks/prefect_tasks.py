@@ -34,7 +34,7 @@ from tasks.sources.sentinelhub import (
     estimate_acquisition,
 )
 from tasks.sources.stac import StacPermanentError, StacSourceError
-from tasks.storage import code_version, content_key, get_fs, is_transient
+from tasks.storage import code_version, content_key, is_transient
 
 RETRY_DELAYS = [2, 10, 30]
 GPU_LIMIT = "gpu"
@@ -63,16 +63,13 @@ TASK_CODE: dict[str, tuple[str, ...]] = {
 """The code each task's result depends on (its cache key includes that code's hash)."""
 
 
-def file_identity(uri: str, storage: StorageConfig) -> dict[str, Any]:
-    """What identifies a file's current bytes without reading them: its ETag on object stores,
-    else size and modification time (a stat or a HEAD request)."""
-    fs, path = get_fs(uri, storage)
-    info = fs.info(path)
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return {"etag": str(etag).strip('"'), "size": info.get("size")}
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
-    return {"size": info.get("size"), "mtime": str(mtime)}
+def file_identity(uri: str, storage: StorageConfig, model: Any = None) -> dict[str, Any]:
+    """What identifies a file's current bytes without reading them: for ``hf://`` the
+    repository, file and commit (and ETag), on object stores its ETag, else size and
+    modification time (a stat or a HEAD request); see :func:`tasks.checkpoints.identity`."""
+    from tasks.checkpoints import identity
+
+    return identity(uri, storage, model)
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -505,17 +505,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def given_checkpoint(uri: str, model: ModelConfig, storage: StorageConfig) -> CheckpointRef:
-    """A reference to an existing checkpoint (ours or official), keyed by its bytes' hash."""
-    import hashlib
+    """A reference to an existing checkpoint (ours or official; local, s3:// or hf://), keyed
+    by its bytes' SHA-256, verified and strictly loaded once (:mod:`tasks.checkpoints`)."""
+    from tasks.checkpoints import given_checkpoint_ref
 
-    fs, path = get_fs(uri, storage)
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()[:20]
-    return CheckpointRef(uri=uri, key=digest, preset=model.preset, model_version=f"{model.preset}-{digest[:8]}")
-
+    return given_checkpoint_ref(uri, model, storage)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Pure torch/numpy/pydantic; knows nothing of tiles, storage or Prefect.
 from tessera_model.checkpoint import (
     FORMAT_VERSION,
     build_checkpoint,
+    is_own_format,
     load_model,
+    model_from_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
@@ -71,7 +73,9 @@ __all__ = [
     "encode_s1",
     "fit",
     "inference_state_dict",
+    "is_own_format",
     "load_model",
+    "model_from_checkpoint",
     "mix_regulariser",
     "quantise",
     "read_checkpoint",

@@ -250,6 +250,22 @@ def load_model(
         CheckpointError: unreadable file or unknown layout.
     """
     obj = read_checkpoint(file_or_path, map_location=map_location, allow_pickle=allow_pickle)
+    return model_from_checkpoint(obj, preset, inference_only, map_location, spec)
+
+
+def is_own_format(obj: dict[str, Any]) -> bool:
+    """Whether a checkpoint dict is in our format (it stores its ``model_spec``)."""
+    return "model_spec" in obj
+
+
+def model_from_checkpoint(
+    obj: dict[str, Any],
+    preset: str | None = None,
+    inference_only: bool = True,
+    map_location: str | torch.device = "cpu",
+    spec: ModelSpec | None = None,
+) -> tuple[TesseraModel, ModelSpec]:
+    """Build and strictly load a model from a checkpoint dict (:func:`load_model`'s rules)."""
     version = obj.get("format_version")
     if version is not None and version != FORMAT_VERSION:
         raise CheckpointError(

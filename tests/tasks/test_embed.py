@@ -29,6 +29,8 @@ from tessera_model import ModelSpec, TesseraModel, build_checkpoint, save_checkp
 from .fakes import FakeSource
 
 BIG = Tile(zone=31, south=False, x0=296960, y0=5788160, size_px=512)
+TINY = ModelSpec(version="tiny-embed", latent_dim=128, d_model=16, n_layers=1, n_heads=2,
+                 ffn_dim=32, dropout=0.0, projector_dim=32, projector_layers=1, sample_steps=8)
 
 
 def test_pixel_ids_do_not_depend_on_tiling():
@@ -59,11 +61,12 @@ def test_embed_tile_native_zone_and_nodata(tmp_path, storage):
     mk = cloud_mask(sc, MaskConfig(), storage)
     dp = extract_dpixels(sc, mk, DPixelConfig(), storage)
     torch.manual_seed(0)
-    model = TesseraModel(ModelSpec.preset("small"))
+    model = TesseraModel(TINY)  # the rules under test do not depend on the model's size
     ck_path = tmp_path / "model.pt"
     save_checkpoint(build_checkpoint(model), ck_path)
     ckpt = given_checkpoint(str(ck_path), ModelConfig(), storage)
-    emb = embed_tile(dp, ckpt, EmbeddingConfig(min_valid_s2=2), 0, storage)
+    strict = EmbeddingConfig(min_valid_s2=2, min_valid_s1=1)
+    emb = embed_tile(dp, ckpt, strict, 0, storage)
     e = zarr.open_group(emb.uri, mode="r")["embedding"][:]
     assert e.shape == (256, 256, 128) and e.dtype == np.float32
     valid = np.isfinite(e).all(-1)
@@ -84,8 +87,18 @@ def test_embed_tile_native_zone_and_nodata(tmp_path, storage):
     none = embed_tile(dp, ckpt, EmbeddingConfig(min_valid_s2=3), 0, storage)
     assert none.n_valid == 0
     # same inputs -> same stored result (served from the commit marker)
-    again = embed_tile(dp, ckpt, EmbeddingConfig(min_valid_s2=2), 0, storage)
+    again = embed_tile(dp, ckpt, strict, 0, storage)
     assert again == emb
+    # default: the v1.0 reference's coverage. A pixel without S1 samples the S1 steps it
+    # has (all zero), one with 1 valid S2 date is embedded; the strict pixels are unchanged.
+    ref = embed_tile(dp, ckpt, EmbeddingConfig(), 0, storage)
+    group = zarr.open_group(ref.uri, mode="r")
+    assert group.attrs["coverage_rule"] == "v1.0-reference;min_valid_s2=0;min_valid_s1=0"
+    r = group["embedding"][:]
+    rvalid = np.isfinite(r).all(-1)
+    assert rvalid[0, 0] and rvalid[10:20, 10:20].all() and not rvalid[east].any()
+    assert np.array_equal(r[valid], e[valid])
+    assert ref.n_valid == rvalid.sum() > emb.n_valid
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +110,8 @@ def tile_dpixels(tmp_path_factory):
     sc = acquire(tile, 2022, SourceConfig(), storage, scene_source=FakeSource())
     dp = extract_dpixels(sc, cloud_mask(sc, MaskConfig(), storage), DPixelConfig(), storage)
     torch.manual_seed(0)
-    spec = ModelSpec(version="tiny-embed", latent_dim=128, d_model=16, n_layers=1, n_heads=2,
-                     ffn_dim=32, dropout=0.0, projector_dim=32, projector_layers=1,
-                     sample_steps=8)
     ck = root / "tiny.pt"
-    save_checkpoint(build_checkpoint(TesseraModel(spec)), ck)
+    save_checkpoint(build_checkpoint(TesseraModel(TINY)), ck)
     return dp, storage, ck
 
 
