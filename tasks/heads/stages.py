@@ -135,7 +135,7 @@ def synthetic_labels(tiles: Sequence[Tile], year: int, source: SourceConfig,
                           "evaluation.labels to 'file' and evaluation.labels_uri.")
     from scipy.ndimage import maximum_filter, minimum_filter
 
-    from tasks.sources.synthetic import CLASS_NAMES, DECIDUOUS, EVERGREEN, SyntheticSource
+    from tasks.sources.synthetic import ALL_CLASS_NAMES, DECIDUOUS, EVERGREEN, SyntheticSource
 
     src = SyntheticSource(source.synthetic)
     lon_all, lat_all, val_all, pid_all = [], [], [], []
@@ -165,7 +165,7 @@ def synthetic_labels(tiles: Sequence[Tile], year: int, source: SourceConfig,
         lat_all.append(np.asarray(lat))
         pid_all.append(p)
         if target == "land_cover":
-            val_all.append(np.asarray(CLASS_NAMES, dtype=object)[gt.land_cover[rr, cc]])
+            val_all.append(np.asarray(ALL_CLASS_NAMES, dtype=object)[gt.land_cover[rr, cc]])
         else:
             val_all.append(gt.canopy_height[rr, cc].astype(np.float64))
     import shapely

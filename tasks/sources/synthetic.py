@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.grid import PIXEL_M, Tile
 from tasks.sources._noise import (
@@ -43,8 +44,12 @@ from tasks.sources.base import (
 
 __all__ = [
     "BARE",
+    "ALL_CLASS_NAMES",
     "BUILT_UP",
     "CLASS_NAMES",
+    "HARD_PRESET",
+    "LATE_MAIZE",
+    "SPRING_CEREAL",
     "DECIDUOUS",
     "EVERGREEN",
     "GRASSLAND",
@@ -70,8 +75,14 @@ CLASS_NAMES: tuple[str, ...] = (
 WATER, BUILT_UP, BARE, GRASSLAND, WINTER_CEREAL, MAIZE, DECIDUOUS, EVERGREEN = range(
     len(CLASS_NAMES)
 )
+SPRING_CEREAL, LATE_MAIZE = len(CLASS_NAMES), len(CLASS_NAMES) + 1
+ALL_CLASS_NAMES: tuple[str, ...] = (*CLASS_NAMES, "spring_cereal", "late_maize")
+"""Every class code a world can hold: the default world uses the first eight
+(:data:`CLASS_NAMES`); ``timing_classes`` adds spring cereal and late-sown maize, which differ
+from winter cereal and maize only in the timing of their season."""
 _FORESTS = (DECIDUOUS, EVERGREEN)
-_BURNABLE = (GRASSLAND, WINTER_CEREAL, MAIZE, DECIDUOUS, EVERGREEN)
+_BURNABLE = (GRASSLAND, WINTER_CEREAL, MAIZE, DECIDUOUS, EVERGREEN, SPRING_CEREAL, LATE_MAIZE)
+_ARABLE = (WINTER_CEREAL, MAIZE, BARE, SPRING_CEREAL, LATE_MAIZE)
 
 # --- Endmember surface reflectances (BOA, 0..1) -------------------------------------------
 # Wavelength order B02 B03 B04 B05 B06 B07 B08 B8A B11 B12. Representative values read off
@@ -112,6 +123,8 @@ _VOL_DB = {  # (VV, VH) of a full vegetation volume
     GRASSLAND: (-11.5, -18.5),
     WINTER_CEREAL: (-12.0, -18.0),
     MAIZE: (-8.5, -14.5),
+    SPRING_CEREAL: (-12.0, -18.0),
+    LATE_MAIZE: (-8.5, -14.5),
     DECIDUOUS: (-7.5, -13.0),
     EVERGREEN: (-7.0, -12.5),
     BARE: (-12.0, -19.0),
@@ -120,10 +133,75 @@ _VOL_DB = {  # (VV, VH) of a full vegetation volume
 }
 
 
+HARD_PRESET: dict[str, Any] = {
+    "timing_classes": True,
+    "late_sowing_days": 18.0,
+    "phenology_jitter_scale": 2.0,
+    "parcel_vigour_spread": 0.25,
+    "climate_shift_days": 12.0,
+    "cloud_cover_scale": 1.35,
+    "overcast_spell_probability": 0.25,
+    "height_signal": 1.0,
+    "fire_probability": 0.12,
+}
+"""Knob values of ``difficulty: hard`` (docs/synthetic-earth.md, "A harder world"); a knob
+given explicitly wins over the preset."""
+
+
 class SyntheticWorldConfig(BaseModel):
-    """Parameters of the synthetic Earth. The same config always builds the same world."""
+    """Parameters of the synthetic Earth. The same config always builds the same world.
+
+    Every knob's default is the original ("default") world; ``difficulty: hard`` fills the
+    knobs of :data:`HARD_PRESET` that are not given explicitly.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    difficulty: Literal["default", "hard"] = Field(
+        "default",
+        description="Preset: 'default' (the original world) or 'hard' (timing-only classes, "
+        "large within-class variation, regional climate shift, cloudier and irregular years, "
+        "canopy height visible in the signal, frequent fires); explicit knobs win.",
+    )
+    timing_classes: bool = Field(
+        False,
+        description="Split arable classes by timing only: spring vs winter cereal, late- vs "
+        "early-sown maize (codes 8 and 9 of ALL_CLASS_NAMES).",
+    )
+    late_sowing_days: float = Field(
+        18.0, ge=0.0, le=90.0, description="Delay of late-sown maize's season, days."
+    )
+    phenology_jitter_scale: float = Field(
+        1.0, ge=0.0, le=5.0,
+        description="Multiplier on per-parcel timing jitter (green-up +-10 d, senescence +-8 d, "
+        "harvest +-10 d at 1).",
+    )
+    parcel_vigour_spread: float = Field(
+        0.0, ge=0.0, le=0.6,
+        description="Per-parcel multiplier on green cover, uniform in 1 +- this (0: none).",
+    )
+    climate_shift_days: float = Field(
+        0.0, ge=0.0, le=60.0,
+        description="Regional shift of every season date, up to +- this many days, varying "
+        "smoothly over ~40 km (climate gradients between regions).",
+    )
+    overcast_spell_probability: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Chance per 30-day period and region (150 km field) of an overcast spell: "
+        "every S2 date fully clouded (irregular, cloud-heavy years).",
+    )
+    height_signal: float = Field(
+        0.0, ge=0.0, le=3.0,
+        description="How strongly forest canopy height shows in the signal (S1 volume "
+        "scattering and attenuation, S2 canopy shadowing and texture); 0: not at all.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("difficulty") == "hard":
+            return {**HARD_PRESET, **data}
+        return data
 
     seed: int = Field(
         0, ge=0, le=2**62, description="World seed: a different seed is a different planet."
@@ -263,6 +341,7 @@ class _Year:
     mow: np.ndarray  # (n, 4) mowing days (999 = none)
     burn_day: np.ndarray  # (n,) absolute season day of the burn, or a huge sentinel
     severity: np.ndarray  # (n,)
+    amp: np.ndarray | None = None  # (n,) green-cover multiplier (parcel_vigour_spread)
 
 
 _NO_BURN = 10**9
@@ -318,23 +397,22 @@ class SyntheticSource:
     def ground_truth(self, tile: Tile, year: int) -> GroundTruth:
         """Class, parcel id, canopy height and burn day of year of every pixel of a tile."""
         land = self._land(tile)
-        cfg = self.config
         st = self._year_state(land, year)
         cls = st.cls[land.inv].astype(np.uint8)
         n = land.cell_x.size
         zk = land.zkey
         pid = (np.int64(zk) << 46) + ((land.cell_y + 2**22) << 23) + (land.cell_x + 2**22)
         # canopy height: forests 10..35 m per parcel, +-15 % per pixel; crops at their annual max
-        hp = uniform(hash_keys(cfg.seed, zk, tag("height"), land.cell_x, land.cell_y))
-        forest_h = np.where(st.cls == EVERGREEN, 10.0 + 25.0 * hp, 14.0 + 18.0 * hp)
+        forest_h = self._forest_height(land, st.cls)
         base_h = np.select(
             [
                 np.isin(st.cls, _FORESTS),
-                st.cls == MAIZE,
+                np.isin(st.cls, (MAIZE, LATE_MAIZE)),
                 st.cls == WINTER_CEREAL,
                 st.cls == GRASSLAND,
+                st.cls == SPRING_CEREAL,
             ],
-            [forest_h, np.full(n, 2.6), np.full(n, 0.9), np.full(n, 0.4)],
+            [forest_h, np.full(n, 2.6), np.full(n, 0.9), np.full(n, 0.4), np.full(n, 0.8)],
             0.0,
         ).astype(np.float32)
         height = base_h[land.inv] * (1.0 + 0.15 * land.texture) * np.clip(land.vigour, 0.7, 1.3)
@@ -351,6 +429,17 @@ class SyntheticSource:
             canopy_height=height.astype(np.float32),
             burn_doy=burn[land.inv],
         )
+
+    def _forest_height(self, land: _Land, cls: np.ndarray) -> np.ndarray:
+        """Per-parcel forest canopy height, m: evergreen 10-35, deciduous 14-32 (hashed)."""
+        cfg = self.config
+        hp = uniform(hash_keys(cfg.seed, land.zkey, tag("height"), land.cell_x, land.cell_y))
+        return np.where(cls == EVERGREEN, 10.0 + 25.0 * hp, 14.0 + 18.0 * hp)
+
+    def _height_norm(self, land: _Land, cls: np.ndarray) -> np.ndarray:
+        """Per-parcel forest height mapped to about [-1, 1] ((h - 22 m) / 12 m), 0 off forest."""
+        h = self._forest_height(land, cls)
+        return np.where(np.isin(cls, _FORESTS), (h - 22.0) / 12.0, 0.0).astype(np.float32)
 
     # --- Sentinel-2 ------------------------------------------------------------------------------
     def read_s2(self, tile: Tile, dates: np.ndarray) -> S2Stack:
@@ -480,6 +569,10 @@ class SyntheticSource:
 
         r = u("rotation")
         crop = np.select([r < 0.45, r < 0.88], [WINTER_CEREAL, MAIZE], BARE)
+        if cfg.timing_classes:  # half of each crop sown in the other season / later
+            late = u("timing") < 0.5
+            crop = np.where((crop == WINTER_CEREAL) & late, SPRING_CEREAL, crop)
+            crop = np.where((crop == MAIZE) & late, LATE_MAIZE, crop)
         cls = np.where(land.base_class < 0, crop, land.base_class)
         mow = np.stack(
             [b + 16.0 * (u("mow", k) - 0.5) for k, b in enumerate((140, 185, 232, 278))], -1
@@ -491,14 +584,33 @@ class SyntheticSource:
         burn_day = np.where(
             burns, start + 100 + np.floor(u("fire-day") * 180).astype(np.int64), _NO_BURN
         )
+        js = cfg.phenology_jitter_scale
+        green_jit = 20.0 * (u("green-jit") - 0.5) * js
+        sen_jit = 16.0 * (u("sen-jit") - 0.5) * js
+        harvest_jit = 20.0 * (u("harvest-jit") - 0.5) * js
+        if cfg.climate_shift_days > 0:  # regional climate: every season date shifts together
+            psx, psy = self._parcel_seeds(zk, cx, cy)
+            c = fbm_to_uniform(fbm_points(psx, psy, 40_000.0, 2, (cfg.seed, zk, tag("climate"))), 2)
+            shift = cfg.climate_shift_days * (2.0 * c - 1.0)
+            green_jit, sen_jit, harvest_jit = green_jit + shift, sen_jit + shift, harvest_jit + shift
+        late_maize = cls == LATE_MAIZE
+        if late_maize.any():
+            lag = cfg.late_sowing_days
+            green_jit = np.where(late_maize, green_jit + lag, green_jit)
+            sen_jit = np.where(late_maize, sen_jit + lag, sen_jit)
+            harvest_jit = np.where(late_maize, harvest_jit + lag, harvest_jit)
+        amp = None
+        if cfg.parcel_vigour_spread > 0:
+            amp = 1.0 + cfg.parcel_vigour_spread * (2.0 * u("parcel-vigour") - 1.0)
         return _Year(
             cls=cls,
-            green_jit=20.0 * (u("green-jit") - 0.5),
-            sen_jit=16.0 * (u("sen-jit") - 0.5),
-            harvest_jit=20.0 * (u("harvest-jit") - 0.5),
+            green_jit=green_jit,
+            sen_jit=sen_jit,
+            harvest_jit=harvest_jit,
             mow=mow,
             burn_day=burn_day,
             severity=0.7 + 0.3 * u("severity"),
+            amp=amp,
         )
 
     def _phenology(
@@ -528,6 +640,13 @@ class SyntheticSource:
         hv = 282 + st.harvest_jit
         mz_g = np.where(t < hv, can * (1 - sen), 0.0)
         mz_d = np.where(t < hv, can * sen, 0.3 * np.exp(-(t - hv) / 40.0))
+        sp_g = sp_d = np.zeros(n)
+        if cfg.timing_classes:  # spring cereal: sown in March, green-up May, harvest August
+            can = 0.85 * _sig(t, 118 + st.green_jit, 8.0)
+            sen = _sig(t, 190 + st.sen_jit, 6.0)
+            hv = 218 + st.harvest_jit
+            sp_g = np.where(t < hv, can * (1 - sen), 0.0)
+            sp_d = np.where(t < hv, can * sen, 0.35 * np.exp(-(t - hv) / 40.0))
         # grassland: spring growth, 2-4 cuts, each followed by regrowth
         g = 0.42 + 0.42 * _sig(t, 95 + st.green_jit, 12.0) - 0.2 * _sig(t, 300 + st.sen_jit, 15.0)
         last = np.where(st.mow <= t, st.mow, -999.0).max(axis=1)
@@ -552,8 +671,13 @@ class SyntheticSource:
             [cer_d, mz_d, gr_d, de_d, np.full(n, 0.1), np.full(n, 0.08), np.full(n, 0.03)],
             0.0,
         )
+        if cfg.timing_classes:
+            green = np.select([cls == SPRING_CEREAL, cls == LATE_MAIZE], [sp_g, mz_g], green)
+            dry = np.select([cls == SPRING_CEREAL, cls == LATE_MAIZE], [sp_d, mz_d], dry)
+        if st.amp is not None:
+            green = green * st.amp
         # autumn sowing of next season's winter cereal
-        sow = (nxt.cls == WINTER_CEREAL) & np.isin(cls, (WINTER_CEREAL, MAIZE, BARE))
+        sow = (nxt.cls == WINTER_CEREAL) & np.isin(cls, _ARABLE)
         green = np.where(sow, np.maximum(green, 0.25 * _sig(t, 300 + nxt.green_jit, 8.0)), green)
         # burns of this or the previous season, recovering exponentially
         tau = np.where(np.isin(cls, _FORESTS), 3.0, 1.0) * cfg.burn_recovery_days
@@ -595,7 +719,7 @@ class SyntheticSource:
         dry = np.clip(dry_p.astype(np.float32)[inv], 0.0, 1.0 - green)
         burn = burn_p.astype(np.float32)[inv]
         moist = self._moisture(land, d, sd)
-        return {
+        out = {
             "cls": cls,
             "green": green,
             "dry": dry,
@@ -603,6 +727,9 @@ class SyntheticSource:
             "moist": moist,
             "sd": np.float32(sd),
         }
+        if self.config.height_signal > 0:
+            out["height"] = self._height_norm(land, cls_p)[inv] * np.float32(self.config.height_signal)
+        return out
 
     def _s2_date(
         self, land: _Land, d64: np.datetime64, offset: int
@@ -637,6 +764,9 @@ class SyntheticSource:
             + leaf * green[..., None]
             + _EM["dry_vegetation"] * dry[..., None]
         )
+        if "height" in s:  # taller, rougher canopies: more shadow, more texture (forests)
+            hs = s["height"]
+            refl *= (1.0 - 0.12 * hs * (1.0 - burn) + 0.10 * (hs + np.abs(hs)) * land.texture)[..., None]
         refl += (burn[..., None] * (_EM["char"] - refl)).astype(np.float32)
         # snow (high latitude, winter, regional events; visible less through forest canopy)
         winter = max(0.0, math.cos(2 * math.pi * (sd - 20) / 365.0)) ** 2
@@ -660,6 +790,9 @@ class SyntheticSource:
             + cfg.cloud_seasonal_amplitude * math.cos(2 * math.pi * (sd - 15) / 365.0)
         )
         cover = _cover_from_u(_regional(x, y, (*key, tag("cover"))), m)
+        if cfg.overcast_spell_probability > 0:  # irregular years: month-long overcast spells
+            spell = _regional(x, y, (cfg.seed, zk, d // 30, tag("overcast-spell")))
+            cover = np.where(spell < cfg.overcast_spell_probability, np.float32(1.0), cover)
         tau = self._cloud(x, y, key, cover)
         # shadows: the cloud field seen from each pixel toward the sun, per latitude band
         top = float(uniform(hash_keys(*key, tag("cloud-top"))))
@@ -729,6 +862,8 @@ class SyntheticSource:
         okey = tag(f"s1-{orbit}")
         key = (cfg.seed, zk, d, okey)
         woody = np.where(np.isin(cls, _FORESTS), np.float32(0.55), np.float32(0.0))
+        if "height" in s:  # taller forest: more woody volume (more attenuation of the ground)
+            woody = woody + np.float32(0.2) * s["height"]
         vol = np.clip(green + dry + woody, 0.0, 1.0) * (1.0 - burn)
         att = np.exp(np.float32(-2.2) * vol)
         rough = (
@@ -741,6 +876,9 @@ class SyntheticSource:
         for c, (vv_c, vh_c) in _VOL_DB.items():
             vv_db_vol = np.where(cls == c, np.float32(vv_c), vv_db_vol)
             vh_db_vol = np.where(cls == c, np.float32(vh_c), vh_db_vol)
+        if "height" in s:  # volume scattering grows with canopy height (C band, below saturation)
+            vv_db_vol = vv_db_vol + np.float32(1.5) * s["height"]
+            vh_db_vol = vh_db_vol + np.float32(2.5) * s["height"]
         vv = _lin(vv_db_vol) * (1.0 - att) + _lin(soil_vv) * att
         vh = _lin(vh_db_vol) * (1.0 - att) + _lin(soil_vv - 9.0) * att
         # water: specular, roughened by regional wind
