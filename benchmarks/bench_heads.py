@@ -1,0 +1,141 @@
+"""Label efficiency on the synthetic Earth: raw features vs random-init vs trained embeddings.
+
+For each world (``--worlds default hard``), on a row of ``--tiles`` 256-px tiles of zone 31
+near the demo region: acquire, cloud-mask and extract d-pixels (stage functions, no Prefect),
+take ground-truth labels (land cover by parcel: up to 20 interior pixels per parcel; canopy
+height of forest parcels), and compare, on held-out tiles (every other tile), a logistic
+regression (ridge for height) fitted on k labelled parcels per class:
+
+- ``raw``: per-band seasonal statistics of the same d-pixels (quarterly S2 medians, S1 means);
+- ``random_init``: the ``small`` encoder with random weights;
+- ``trained``: the ``small`` encoder trained by the factory's training stage on the same
+  tiles' d-pixels for ``--steps`` steps (0: skipped); its CPU time is reported.
+
+Embeddings are computed at the sampled pixels only (float, not the int8 store: this isolates
+what the encoder learned from quantisation). Run:
+
+    python benchmarks/bench_heads.py --tiles 4 --worlds default hard --steps 0
+    python benchmarks/bench_heads.py --tiles 4 --worlds hard --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from pyproj import Transformer
+
+from tasks import acquire, dpixels, mask, train
+from tasks.config import (
+    DPixelConfig,
+    MaskConfig,
+    ModelConfig,
+    SourceConfig,
+    StorageConfig,
+    TrainingConfig,
+)
+from tasks.grid import Tile
+from tasks.heads.evaluate import label_efficiency, report_markdown
+from tasks.heads.models import HeadConfig
+from tasks.heads.samples import (
+    Samples,
+    dpixel_features,
+    encoder_embeddings,
+    random_init_model,
+)
+from tasks.heads.stages import synthetic_labels
+from tasks.sources.synthetic import SyntheticWorldConfig
+from tessera_model import ModelSpec, load_model
+
+YEAR = 2024
+X0, Y0 = 312320, 5783040  # zone 31N, 10 km SE of the demo region: all classes but water
+
+
+def samples_of(labels, epsg: int) -> Samples:  # noqa: ANN001
+    """Point labels as samples on the zone grid (no store: features come later)."""
+    import shapely
+
+    xy = shapely.get_coordinates(labels.geometry)
+    x, y = Transformer.from_crs(4326, epsg, always_xy=True).transform(xy[:, 0], xy[:, 1])
+    x = (np.floor(np.asarray(x) / 10) + 0.5) * 10
+    y = (np.floor(np.asarray(y) / 10) + 0.5) * 10
+    n = len(labels)
+    return Samples(features=np.zeros((n, 0), np.float32), label=labels.value,
+                   polygon_id=labels.polygon_id, epsg=np.full(n, epsg, np.int32), x=x, y=y,
+                   lon=xy[:, 0], lat=xy[:, 1], task=labels.task, classes=labels.classes)
+
+
+def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[int],
+              seeds: int) -> dict:
+    st = StorageConfig(output_uri=str(root / f"out-{world}"), work_uri=str(root / f"work-{world}"))
+    source = SourceConfig(synthetic=SyntheticWorldConfig(difficulty=world))
+    t0 = time.perf_counter()
+    dps = []
+    for t in tiles:
+        sc = acquire.acquire(t, YEAR, source, st)
+        mk = mask.cloud_mask(sc, MaskConfig(), st)
+        dps.append(dpixels.extract_dpixels(sc, mk, DPixelConfig(), st))
+    t_data = time.perf_counter() - t0
+    valid = float(np.mean([d.mean_valid_s2 for d in dps]))
+    out: dict = {"world": world, "tiles": len(tiles), "seconds_data": round(t_data, 1),
+                 "mean_valid_s2": round(valid, 1)}
+    spec = ModelSpec.preset("small")
+    models = {"random_init": random_init_model(spec, 12345)}
+    if steps:
+        cfg = TrainingConfig(steps=steps)
+        c0, w0 = time.process_time(), time.perf_counter()
+        ts = train.build_training_set(dps, cfg, 0, st)
+        losses: list[tuple[int, float]] = []
+        ckpt = train.train_model(ts, ModelConfig(preset="small"), cfg, 0, st,
+                                 progress=lambda p: losses.append((p.step, round(p.loss, 3))))
+        out["train_cpu_s"] = round(time.process_time() - c0, 1)
+        out["train_wall_s"] = round(time.perf_counter() - w0, 1)
+        out["loss_curve"] = losses
+        with open(ckpt.uri, "rb") as f:
+            models["trained"], _ = load_model(f)
+    test_tiles = {t.id for i, t in enumerate(tiles) if i % 2 == 1}
+    for target in ("land_cover", "canopy_height"):
+        labels = synthetic_labels(tiles, YEAR, source, target, 1, 20, 0)
+        s = samples_of(labels, tiles[0].epsg)
+        sets = {"raw": dpixel_features(s, dps, st)}
+        for name, m in models.items():
+            sets[name] = encoder_embeddings(s, dps, m.eval(), 0, st)
+        finite = np.all([np.isfinite(v).all(1) for v in sets.values()], axis=0)
+        s = s.take(finite)
+        sets = {k: v[finite] for k, v in sets.items()}
+        test = np.zeros(len(s), bool)
+        for t in tiles:
+            if t.id in test_tiles:
+                test |= (s.x >= t.x0) & (s.x < t.x1)
+        if "trained" in sets:  # the headline set first
+            sets = {"trained": sets.pop("trained"), **sets}
+        rep = label_efficiency(sets, s, test, HeadConfig(kind="linear"), ks=ks, seeds=seeds)
+        out[target] = rep.model_dump()
+        print(f"\n### {world} world, {target}\n\n{report_markdown(rep)}", flush=True)
+    out["seconds_total"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiles", type=int, default=4)
+    ap.add_argument("--worlds", nargs="+", default=["default", "hard"])
+    ap.add_argument("--steps", type=int, default=0, help="Training steps (0: no trained model).")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--root", default="/tmp/bench-heads")
+    ap.add_argument("--json", help="Write the results here.")
+    a = ap.parse_args()
+    tiles = [Tile(zone=31, south=False, x0=X0 + 2560 * i, y0=Y0, size_px=256) for i in range(a.tiles)]
+    results = [run_world(w, tiles, a.steps, Path(a.root), a.ks, a.seeds) for w in a.worlds]
+    for r in results:
+        print(json.dumps({k: v for k, v in r.items() if k not in ("land_cover", "canopy_height")}))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
