@@ -154,6 +154,7 @@ def _row(rec: dict[str, Any], year: int) -> dict[str, Any]:
         "row_offset": rec["row_offset"],
         "col_offset": rec["col_offset"],
         "store_path": f"{year}.zarr",
+        "n_bands": int(rec.get("shape", [0, 0, 128])[-1]),  # item property only (K < 128)
     }
 
 
@@ -184,6 +185,7 @@ def _item(row: dict[str, Any], year: int) -> pystac.Item:
             "tessera:zone_group": row["group"],
             "tessera:row_offset": row["row_offset"],
             "tessera:col_offset": row["col_offset"],
+            **({"tessera:n_bands": row["n_bands"]} if row.get("n_bands", 128) != 128 else {}),
         },
     )
     proj = ProjectionExtension.ext(item, add_if_missing=True)
@@ -197,7 +199,7 @@ def _item(row: dict[str, Any], year: int) -> pystac.Item:
     RasterExtension.add_to(item)
     group_href = f"{_ROOT}/{row['store_path']}/{row['group']}"
     for key, dtype, nodata, title in (
-        ("embeddings", DataType.INT8, None, "int8 embeddings (H, W, 128), dequantise q * scale"),
+        ("embeddings", DataType.INT8, None, "int8 embeddings (H, W, B), dequantise q * scale"),
         ("scales", DataType.FLOAT32, "nan", "float32 per-pixel scales (NaN = no data)"),
     ):
         asset = pystac.Asset(

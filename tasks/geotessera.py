@@ -5,7 +5,7 @@ floor(v * 10) / 10 + 0.05, and written in its native UTM zone (the zone of its c
 10 m: the cell's lon/lat box projected to that zone and snapped outward to the zone store's
 10 m pixel grid (about 1,100 x 700 px at 52 degrees N). Under ``dest_uri``::
 
-    global_0.1_degree_representation/{year}/grid_X_Y/grid_X_Y.npy          int8 (H, W, 128)
+    global_0.1_degree_representation/{year}/grid_X_Y/grid_X_Y.npy          int8 (H, W, B), B = K
     global_0.1_degree_representation/{year}/grid_X_Y/grid_X_Y_scales.npy   float32 (H, W)
     global_0.1_degree_tiff_all/grid_X_Y.tiff     landmask uint8 (H, W): CRS + north-up transform
     registry/manifest.parquet                    geotessera's columns (MANIFEST_COLUMNS)

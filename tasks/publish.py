@@ -89,16 +89,21 @@ from tasks.storage import content_key, get_fs, join, write_bytes_atomic, zarr_st
 
 __all__ = [
     "DATASET_VERSION",
+    "MATRYOSHKA_DIMS",
     "N_BANDS",
     "PROVENANCE_DIR",
     "ZoneExtent",
     "ZoneLease",
+    "check_publish_model",
     "dequantise_zone",
     "grid_mapping_attrs",
+    "model_attrs",
+    "model_family_of",
     "open_zone",
     "prepare_zone_stores",
     "provenance_uri",
     "publish_tile",
+    "quantisation_rule",
     "read_tile_record",
     "refresh_n_tiles",
     "year_store_uri",
@@ -108,6 +113,8 @@ __all__ = [
 DATASET_VERSION = "v1"
 """``tessera:dataset_version`` written and accepted."""
 N_BANDS = 128
+MATRYOSHKA_DIMS = (16, 32, 64, 128)
+"""Prefix sizes K a v2 embedding may be published at (tessera-v2.md section 1)."""
 """Embedding dimensions of the v1.0 model."""
 INNER_CHUNK_PX = 64
 """Inner chunk side within a 256 x 256 shard (readers fetching small windows)."""
@@ -285,6 +292,57 @@ class ZoneExtent(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
+def model_family_of(model_version: str) -> str:
+    """The TESSERA family a build's ``model_version`` belongs to.
+
+    Given checkpoints are named ``{preset}-{sha256[:8]}`` (``v2-medium-3823be7d``), trained
+    ones ``{spec.version}-{key[:8]}`` (v1.0-family architectures).
+    """
+    preset = model_version.rsplit("-", 1)[0]
+    if preset.startswith("v2-"):
+        return "v2"
+    if preset.startswith("v1.1"):
+        return "v1.1"
+    return "v1.0"
+
+
+def quantisation_rule(model_version: str) -> str:
+    """The int8 rule of the model's version (:mod:`tessera_model.quantise`)."""
+    return "v2" if model_family_of(model_version) == "v2" else "v1"
+
+
+def model_attrs(model_version: str, n_bands: int) -> dict[str, Any]:
+    """What a zone group records about the model: family, version, size, checkpoint hash, K."""
+    preset, digest = (model_version.rsplit("-", 1) + [""])[:2]
+    family = model_family_of(model_version)
+    return {
+        "tessera:model_version": model_version,
+        "tessera:model_family": family,
+        "tessera:model_preset": preset,
+        "tessera:model_size": preset.split("-", 1)[1] if family == "v2" else "",
+        "tessera:checkpoint_sha256_prefix": digest,
+        "tessera:n_bands": n_bands,
+        "tessera:matryoshka_dims": n_bands if family == "v2" else None,
+        "tessera:quantisation": quantisation_rule(model_version),
+    }
+
+
+def check_publish_model(model_version: str, n_bands: int) -> None:
+    """Refuse a Matryoshka prefix for a model that has none (before any work).
+
+    Raises:
+        DataError: ``n_bands`` < 128 for a v1.0/v1.1 model, or not one of 16/32/64/128.
+    """
+    if n_bands not in MATRYOSHKA_DIMS:
+        raise DataError(f"Expected publish.dims in {list(MATRYOSHKA_DIMS)}. Got {n_bands}.")
+    family = model_family_of(model_version)
+    if n_bands != N_BANDS and family != "v2":
+        raise DataError(
+            f"Expected publish.dims {N_BANDS} for a {family} model ({model_version}): only v2 "
+            f"students have Matryoshka prefixes. Got publish.dims={n_bands}."
+        )
+
+
 def _root_attrs(year: int) -> dict[str, Any]:
     return {
         "zarr_conventions": ZARR_CONVENTIONS,
@@ -299,9 +357,8 @@ def _zone_attrs(
     return {
         **_root_attrs(year),
         "tessera:utm_zone": ext.zone,
-        "tessera:n_bands": n_bands,
+        **model_attrs(model_version, n_bands),
         "tessera:n_tiles": 0,
-        "tessera:model_version": model_version,
         "tessera:build_version": build_version,
         "tessera:has_rgb_preview": False,
         "proj:code": f"EPSG:{ext.epsg}",
@@ -371,7 +428,11 @@ def _check_zone(group: zarr.Group, where: str, model_version: str, n_bands: int)
         )
     got_bands = group.attrs.get("tessera:n_bands")
     if got_bands != n_bands:
-        raise DataError(f"{where}: Expected tessera:n_bands {n_bands}. Got {got_bands!r}.")
+        raise DataError(
+            f"{where}: Expected tessera:n_bands {n_bands} (publish.dims of this build). Got "
+            f"{got_bands!r} in the existing zone group. A store holds one K: publish to "
+            "another storage.output_uri."
+        )
     return ZoneExtent.from_attrs(dict(group.attrs))
 
 
@@ -812,7 +873,7 @@ def prepare_zone_stores(
     cfg: PublishConfig,
     storage: StorageConfig,
     model_version: str,
-    n_bands: int = N_BANDS,
+    n_bands: int | None = None,
 ) -> list[str]:
     """Create, validate or grow the year store and one zone group per zone of the tiles.
 
@@ -826,8 +887,10 @@ def prepare_zone_stores(
         year: The year; the store is ``{storage.output_uri}/{year}.zarr``.
         cfg: Publish config (compression level, build version, lease timing).
         storage: Storage roots.
-        model_version: Recorded as ``tessera:model_version``; an existing group must match.
-        n_bands: Embedding dimensions B.
+        model_version: Recorded as ``tessera:model_version`` (with the family, preset, size,
+            checkpoint hash prefix and int8 rule derived from it); an existing group must match.
+        n_bands: Embedding dimensions B (default ``cfg.dims``, the Matryoshka prefix K); an
+            existing group must match.
 
     Returns:
         The zone group names (e.g. ``["utm30", "utm31"]``), sorted; each lives at
@@ -838,6 +901,9 @@ def prepare_zone_stores(
             existing zone group of another ``tessera:model_version`` or band count.
         StorageError: a lease could not be taken in time.
     """
+    if n_bands is None:  # from the config: checked against the model (an explicit B is not)
+        n_bands = cfg.dims
+        check_publish_model(model_version, n_bands)
     store_uri = year_store_uri(storage.output_uri, year)
     if not tiles:
         return []
@@ -927,10 +993,10 @@ def _content_sha256(src: zarr.Array, shape: tuple[int, int, int]) -> str:
     return h.hexdigest()
 
 
-def _quantise(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _quantise(e: np.ndarray, rule: str = "v1") -> tuple[np.ndarray, np.ndarray]:
     from tessera_model.quantise import quantise  # the one implementation (section 4)
 
-    q, s = quantise(e)
+    q, s = quantise(e, rule=rule)  # type: ignore[arg-type]
     return np.asarray(q, dtype=np.int8), np.asarray(s, dtype=np.float32)
 
 
@@ -989,13 +1055,26 @@ def publish_tile(
     if "embedding" not in src_group:
         raise DataError(f"tile {tile.id}: Expected array 'embedding' in {emb.uri}. Got none.")
     src = src_group["embedding"]
+    full = int(src.shape[-1]) if isinstance(src, zarr.Array) and src.ndim == 3 else N_BANDS
     shape = (tile.height, tile.width, n_bands)
-    if not isinstance(src, zarr.Array) or tuple(src.shape) != shape:
+    in_shape = (tile.height, tile.width, full)
+    if not isinstance(src, zarr.Array) or tuple(src.shape) != in_shape or full < n_bands:
         got = tuple(src.shape) if isinstance(src, zarr.Array) else "a group"
-        raise DataError(f"tile {tile.id}: Expected embedding shape {shape}. Got {got}.")
+        raise DataError(
+            f"tile {tile.id}: Expected embedding shape {in_shape[:2]} x >= {n_bands}. Got {got}."
+        )
+    coverage = src_group.attrs.get("coverage_rule")
+    zone_rule = group.attrs.get("tessera:coverage_rule")
+    if coverage is not None and zone_rule is not None and coverage != zone_rule:
+        raise DataError(
+            f"{where}: Expected tessera:coverage_rule {zone_rule!r} (the store's). Got "
+            f"{coverage!r} for tile {tile.id}: one store, one coverage rule."
+        )
+    rule = quantisation_rule(model_version)
 
-    sha = _content_sha256(src, shape)
-    key = content_key("publish", PUBLISH_FORMAT, sha, model_version, name)
+    sha = _content_sha256(src, in_shape)
+    extra = () if (n_bands, rule) == (N_BANDS, "v1") else (n_bands, rule)
+    key = content_key("publish", PUBLISH_FORMAT, sha, model_version, name, *extra)
     ref = PublishRef(uri=where, key=key, tile=tile, store_uri=store_uri, group=name)
     record_uri = _record_uri(store_uri, tile)
     old = read_tile_record(storage.output_uri, year, tile, storage)
@@ -1012,6 +1091,8 @@ def publish_tile(
                 f"tile {tile.id}: Expected a tile inside zone grid {where} (bbox {ext.bbox}); "
                 f"run prepare_zone_stores with it first. Got tile bounds {list(tile.bounds)}."
             )
+        if coverage is not None and group.attrs.get("tessera:coverage_rule") is None:
+            group.attrs.update({"tessera:coverage_rule": coverage})
         emb_arr, scales_arr = group["embeddings"], group["scales"]
         r0, c0 = ext.offset(tile)
         rows_all, cols_all = slice(r0, r0 + tile.height), slice(c0, c0 + tile.width)
@@ -1024,7 +1105,7 @@ def publish_tile(
         # 2. Every embedding block; the tile's scales wait in memory (4 B/pixel).
         scales = np.full((tile.height, tile.width), np.nan, np.float32)
         for rows, cols in _blocks(tile.height, tile.width):
-            q, s = _quantise(np.asarray(src[rows, cols, :], dtype=np.float32))
+            q, s = _quantise(np.asarray(src[rows, cols, :n_bands], dtype=np.float32), rule)
             emb_arr[r0 + rows.start : r0 + rows.stop, c0 + cols.start : c0 + cols.stop, :] = q
             scales[rows, cols] = s
             lease.renew()
@@ -1043,6 +1124,8 @@ def publish_tile(
             "content_sha256": sha,
             "publish_key": key,
             "publish_format": PUBLISH_FORMAT,
+            **({"coverage_rule": coverage} if coverage is not None else {}),
+            **({"quantisation": rule} if rule != "v1" else {}),
             "model_version": model_version,
             "n_valid": n_valid,
             "n_nodata": tile.height * tile.width - n_valid,

@@ -8,7 +8,7 @@ not yet committed) reads as NaN. Regions are lon/lat boxes ``(west, south, east,
 - :func:`open_region`: float32 DataArray ``(y, x, band)`` with a CRS: one UTM
   zone natively (its own 10 m grid, no resampling), or several zones reprojected (nearest
   neighbour, never blending embeddings) onto one grid in a chosen CRS.
-- :func:`pixel_vector`: one pixel's 128-d vector by lon/lat.
+- :func:`pixel_vector`: one pixel's B-d vector by lon/lat (B = the store's K: 16..128).
 - :func:`similarity_map`: cosine similarity to a query vector (or the mean of example
   pixels), computed shard window by shard window so memory stays bounded by one window.
 
@@ -153,6 +153,14 @@ def _check_bbox(bbox: BBox) -> None:
         )
 
 
+def _store_bands(root: zarr.Group | None) -> int:
+    """B of a year store (its zone groups' ``tessera:n_bands``; 128 when it has none)."""
+    if root is not None:
+        for _, (_, g) in sorted(_groups_of(root).items()):
+            return int(g.attrs.get("tessera:n_bands", g["embeddings"].shape[-1]))
+    return 128
+
+
 def _empty(n_bands: int, crs: CRS | None) -> xr.DataArray:
     da = xr.DataArray(
         np.zeros((0, 0, n_bands), np.float32),
@@ -203,7 +211,7 @@ def open_region(
     root, wins = _windows(output_uri, year, bbox, storage)
     target = CRS.from_user_input(crs) if crs is not None else None
     if root is None or not wins:
-        return _empty(128, target or CRS.from_epsg(4326))
+        return _empty(_store_bands(root), target or CRS.from_epsg(4326))
     if target is None:
         big = max(wins, key=lambda w: (w.r1 - w.r0) * (w.c1 - w.c0))
         target = CRS.from_epsg(big.ext.epsg)
@@ -279,7 +287,7 @@ def pixel_vector(
     root = _root(output_uri, year, storage)
     groups = _groups_of(root) if root is not None else {}
     own = f"utm{int(zone_of_lon(lon)):02d}{'s' if lat < 0 else ''}"
-    vec = np.full(128, np.nan, np.float32)
+    vec = np.full(_store_bands(root), np.nan, np.float32)
     for name in sorted(groups, key=lambda n: n != own):
         ext, g = groups[name]
         x, y = Transformer.from_crs(4326, ext.epsg, always_xy=True).transform(lon, lat)

@@ -195,11 +195,11 @@ def test_publish_killed_between_blocks_leaves_tile_absent_and_rerun_completes(
     real = tq.quantise
     calls = {"n": 0}
 
-    def dying_quantise(e):  # noqa: ANN001, ANN202
+    def dying_quantise(e, **kw):  # noqa: ANN001, ANN003, ANN202
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("killed between blocks")
-        return real(e)
+        return real(e, **kw)
 
     monkeypatch.setattr(tq, "quantise", dying_quantise)
     with pytest.raises(RuntimeError, match="killed between blocks"):
