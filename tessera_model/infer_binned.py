@@ -27,11 +27,17 @@ import numpy.typing as npt
 import torch
 
 from tessera_model.binning import bin_size_v2, bin_size_v11, gather_positions
-from tessera_model.infer import MIN_FORWARD_ROWS, _check_shape, auto_batch_size
+from tessera_model.infer import _check_shape, auto_batch_size
 from tessera_model.inputs import resolve_device
 from tessera_model.model import TesseraModel
 from tessera_model.normalisation import band_stats
 
+BINNED_MIN_ROWS = 16
+"""Forward passes of a bin group are padded to at least this many rows, so the same CPU BLAS
+kernels run whatever the group's size and a pixel's bytes never depend on its neighbours
+(fewer than 8 rows changed results on the 2-core dev box; 16 leaves a margin). Smaller than
+the v1.0 path's 64 (:data:`tessera_model.infer.MIN_FORWARD_ROWS`) because a block holds
+dozens of bin groups: padding them all to 64 would waste compute on small blocks."""
 EMPTY_STREAM_TOKENS = {"v2": 1, "v1.1": 8}
 """All-zero tokens fed for a stream with no valid step (reference: v2 one, v1.1 one bin of 8)."""
 
@@ -104,8 +110,8 @@ def embed_pixels_binned(
 
     Pixels are grouped by ``(S2 bin, S1 bin)`` (groups in ascending order of the pair); each
     group is encoded in forward passes of at most ``batch_size`` pixels, padded to
-    :data:`~tessera_model.infer.MIN_FORWARD_ROWS` rows so the same CPU kernels run whatever
-    the group's size (a pixel's bytes never depend on its neighbours).
+    :data:`BINNED_MIN_ROWS` rows so the same CPU kernels run whatever the group's size (a
+    pixel's bytes never depend on its neighbours).
 
     Args:
         model: a model of family ``"v1.1"`` or ``"v2"``.
@@ -164,8 +170,8 @@ def embed_pixels_binned(
                 x2 = _tokens(s2[rows], s2_valid[rows], s2_doy, s2_mean, s2_std, b2, family)
                 x1 = _tokens(s1[rows], s1_valid[rows], s1_doy, s1_mean, s1_std, b1, family)
                 t2_, t1_ = torch.from_numpy(x2), torch.from_numpy(x1)
-                if rows.size < MIN_FORWARD_ROWS:
-                    pad = np.zeros(MIN_FORWARD_ROWS - rows.size, dtype=np.int64)
+                if rows.size < BINNED_MIN_ROWS:
+                    pad = np.zeros(BINNED_MIN_ROWS - rows.size, dtype=np.int64)
                     t2_, t1_ = torch.cat([t2_, t2_[pad]]), torch.cat([t1_, t1_[pad]])
                 emb = model.encode(t2_.to(dev), t1_.to(dev))[: rows.size]
                 out[rows] = emb.float().cpu().numpy()
