@@ -155,10 +155,11 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
-S3FS_BODY_ATTEMPTS = 2
+S3FS_BODY_ATTEMPTS = 3
 """Attempts of s3fs's own loop. botocore retries requests but not the read of a response
-body that breaks mid-stream; s3fs's loop re-issues such a GET. Kept at 2 so it adds one
-attempt for a broken body and does not multiply botocore's request retries."""
+body that breaks mid-stream; s3fs's loop re-issues such a GET (the one layer for response
+bodies). Kept at 3 (s3fs's default is 5) so that, for a request botocore already gave up
+on, it adds at most two more tries rather than multiplying botocore's attempts."""
 
 
 def get_fs(uri: str, cfg: StorageConfig, asynchronous: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
