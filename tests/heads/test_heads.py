@@ -135,8 +135,10 @@ def test_samples_keep_label_polygon_and_location(samples) -> None:
 @pytest.mark.parametrize("kind", ["linear", "random_forest", "gradient_boosting", "mlp"])
 def test_heads_learn_the_classes(samples, kind: str) -> None:
     test = split_test(samples, SplitConfig(by="polygon", test_fraction=0.4))
-    cfg = HeadConfig(kind=kind, n_estimators=30, epochs=30, device="cpu")
-    h = fit_head(samples.features[~test], samples.label[~test], cfg, "classification", N_CLASSES)
+    cfg = HeadConfig(kind=kind, n_estimators=10, max_depth=4, epochs=15, hidden=(64,),
+                     device="cpu")
+    train = np.flatnonzero(~test)[::3]  # a few hundred samples: heads stay fast under load
+    h = fit_head(samples.features[train], samples.label[train], cfg, "classification", N_CLASSES)
     m = metrics(samples.label[test], h.predict(samples.features[test]), "classification", N_CLASSES)
     assert m["macro_f1"] > 0.8, (kind, m)
     p = h.predict_proba(samples.features[test][:5])
