@@ -240,7 +240,7 @@ def given_checkpoint_ref(uri: str, model: ModelConfig, storage: StorageConfig) -
         ConfigError: a missing file, no access, a wrong hash, or a file that does not fit
             ``model.preset`` (the message names the mismatch).
     """
-    from tessera_model import is_own_format, model_from_checkpoint, read_checkpoint
+    from tessera_model import ModelSpec, is_own_format, model_from_checkpoint, read_checkpoint
     from tessera_model.errors import CheckpointError
 
     src = CheckpointSource(uri, endpoint=model.hf_endpoint, cache_dir=model.hf_cache_dir)
@@ -259,6 +259,12 @@ def given_checkpoint_ref(uri: str, model: ModelConfig, storage: StorageConfig) -
             _, spec = model_from_checkpoint(obj, preset=preset)
         except CheckpointError as exc:
             raise ConfigError("model.preset", f"checkpoint {src.uri}: {exc}") from None
+    family = ModelSpec.preset(model.preset).family
+    if spec.family != family:  # our own format carries its spec: its family must fit
+        raise ConfigError(
+            "model.preset", f"Expected a {family} checkpoint for preset {model.preset!r}. "
+            f"Got a {spec.family} model ({spec.version}) in {src.uri}.",
+        )
     if is_hf(src.uri):
         dest = work_copy_uri(storage, key)
         fs, path = get_fs(dest, storage)
