@@ -106,3 +106,15 @@ def test_train_head_then_predict_map(evaluated, tmp_path: Path):
                                             cog=True))
     assert m.n_valid > 0 and Path(m.cog_uris[0]).exists()
     assert (Path(m.uri) / "map.json").exists() and (Path(m.uri) / "preview-utm31.png").exists()
+
+
+def test_evaluate_flow_reuses_the_build(evaluated):
+    from flows.heads import evaluate
+
+    cfg, _, _ = evaluated
+    ev = cfg.evaluation.model_copy(update={"min_gain_over_random_init": None, "ks": (1, 2),
+                                           "seeds": 1, "predict_map": False,
+                                           "random_init_baseline": False})
+    ref = evaluate(config=cfg.model_copy(update={"evaluation": ev}))
+    assert ref.passed and ref.map_uri is None
+    assert "| raw |" in ref.markdown and "random_init" not in ref.markdown
