@@ -389,7 +389,7 @@ def _heads_command(a: argparse.Namespace) -> int:
     """``evaluate``, ``train-head``, ``predict-map``: validate, start the API, run the flow."""
     from pydantic import ValidationError
 
-    from tasks.config import _deep_merge, config_error_from, parse_overrides
+    from tasks.config import _deep_merge, config_error_from
 
     storage = {k: v for k, v in (("output_uri", a.output), ("work_uri", a.work)) if v}
     try:
@@ -398,11 +398,11 @@ def _heads_command(a: argparse.Namespace) -> int:
             cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
                 update={"enabled": True})})
         elif a.cmd == "train-head":
-            from tasks.heads.config import TrainHeadConfig
+            from tasks.heads.config import TrainHeadConfig, parse_head_overrides
 
             base = {"labels_uri": a.labels, "label_column": a.column, "year": a.year,
                     "name": a.name, "head": {"kind": a.head}, "storage": storage}
-            cfg = TrainHeadConfig.model_validate(_deep_merge(base, parse_overrides(a.set)))
+            cfg = TrainHeadConfig.model_validate(_deep_merge(base, parse_head_overrides(a.set)))
         else:
             from tasks.heads.config import PredictMapConfig
 

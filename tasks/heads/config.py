@@ -5,14 +5,14 @@ The build's own evaluation step is configured by :class:`tasks.config.Evaluation
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.config import StorageConfig, check_uri
+from tasks.config import StorageConfig, check_field_path, check_uri, parse_overrides
 from tasks.heads.models import HeadConfig, SplitConfig
 
-__all__ = ["PredictMapConfig", "TrainHeadConfig"]
+__all__ = ["PredictMapConfig", "TrainHeadConfig", "parse_head_overrides"]
 
 Lon = Annotated[float, Field(ge=-180, le=180)]
 Lat = Annotated[float, Field(ge=-90, le=90)]
@@ -73,3 +73,24 @@ class PredictMapConfig(_Model):
     @classmethod
     def _uri(cls, v: str) -> str:
         return check_uri(v)
+
+
+def parse_head_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items of ``tessera train-head`` as a nested dict; keys are checked
+    against :class:`TrainHeadConfig` (an unknown one raises ConfigError naming it)."""
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if key:
+            check_field_path(key.split("."), TrainHeadConfig)
+    # the values are parsed as for a build (YAML scalars); the key check above replaces the
+    # build-config check, so parse each item with a placeholder key and move the value
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parsed = parse_overrides([f"seed={raw}"]) if sep else parse_overrides([item])
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parsed["seed"]
+    return out
