@@ -543,6 +543,8 @@ class EvaluationConfig(_Model):
                                  description="Pixels sampled per polygon at most.")
     edge_px: int = Field(default=1, ge=0, le=10, description="Synthetic labels: skip pixels "
                          "within this many pixels of another parcel (mixed pixels).")
+    label_noise: float = Field(default=0.0, ge=0, lt=1, description="Share of training "
+                               "polygons given a wrong class (label noise; test labels stay clean).")
     raw_baseline: bool = Field(default=True, description="Compare with per-band seasonal "
                                "statistics of the same d-pixels.")
     random_init_baseline: bool = Field(default=True, description="Compare with the same "

@@ -97,6 +97,7 @@ def label_efficiency(
     seeds: int = 3,
     min_polygons_per_class: int = 2,
     gates: Gates | None = None,
+    label_noise: float = 0.0,
 ) -> EvaluationReport:
     """The label-efficiency report of several feature sets of the same samples.
 
@@ -110,6 +111,8 @@ def label_efficiency(
         min_polygons_per_class: Classes with fewer training (or no test) polygons are
             dropped and listed in the report.
         gates: Thresholds; failed checks are listed and ``passed`` is False.
+        label_noise: Share of training polygons whose class is replaced by another class
+            (drawn per seed; classification only; the test side stays clean).
 
     Raises:
         DataError: fewer than two classes left, or empty train or test side.
@@ -152,7 +155,9 @@ def label_efficiency(
                 chosen = np.concatenate([rng.permutation(pools[c])[:k] for c in keep_cls])
                 tr_m = train & in_cls & finite & np.isin(pid, chosen)
                 te_m = te & finite
-                h = fit_head(feats[tr_m], y[tr_m], head, samples.task, n_cls)
+                y_tr = _noisy(y[tr_m], pid[tr_m], keep_cls, label_noise, s) \
+                    if label_noise > 0 and samples.task == "classification" else y[tr_m]
+                h = fit_head(feats[tr_m], y_tr, head, samples.task, n_cls)
                 pred = h.predict(feats[te_m])
                 per_seed.append(metrics(y[te_m], pred, samples.task, n_cls))
                 if name == next(iter(feature_sets)) and k == kmax and s == 0 \
@@ -173,6 +178,20 @@ def label_efficiency(
         n_test_polygons=int(np.unique(pid[te]).size), dropped_classes=dropped,
     )
     return _check(rep, list(feature_sets), gates)
+
+
+def _noisy(y: np.ndarray, pid: np.ndarray, classes: list[int], share: float,
+           seed: int) -> np.ndarray:
+    """Labels with a ``share`` of polygons (whole polygons) relabelled as another class."""
+    from tasks.sources._noise import hash_keys, tag, uniform
+
+    u = uniform(hash_keys(int(seed), tag("label-noise"), pid.astype(np.int64)))
+    flip = u < share
+    cls = np.asarray(classes)
+    other = (np.searchsorted(cls, y) + 1 + (uniform(hash_keys(int(seed), tag("label-noise-to"),
+                                                             pid.astype(np.int64)))
+                                             * (cls.size - 1)).astype(np.int64)) % cls.size
+    return np.where(flip, cls[other], y)
 
 
 def _check(rep: EvaluationReport, names: list[str], gates: Gates | None) -> EvaluationReport:

@@ -236,7 +236,8 @@ def _evaluate(dps: Sequence[DPixelRef], ckpt: CheckpointRef, year: int, cfg: Eva
     gates = Gates(at_k=cfg.gate_k, min_score=cfg.min_score,
                   min_gain_over_random_init=cfg.min_gain_over_random_init,
                   min_gain_over_raw=cfg.min_gain_over_raw)
-    rep = label_efficiency(sets, samples, test, head_cfg, cfg.ks, cfg.seeds, gates=gates)
+    rep = label_efficiency(sets, samples, test, head_cfg, cfg.ks, cfg.seeds, gates=gates,
+                           label_noise=cfg.label_noise)
     files = {"report.json": rep.model_dump_json(indent=1).encode(),
              "report.md": report_markdown(rep).encode(), "curves.png": curves_png(rep)}
     if rep.confusion:

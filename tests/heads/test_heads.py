@@ -227,3 +227,13 @@ def test_predicted_map_on_store_grid_resumable(tmp_path: Path, samples, fake_sto
     ref2 = predict_map(h, "head", NAMES, fake_store.output_uri, YEAR, uri, fake_store)
     assert ref2.n_valid == ref.n_valid
     assert (read_map(uri, "utm31", fake_store)["class"] == cls).all()
+
+
+def test_label_noise_hurts_and_keeps_the_test_side_clean(samples) -> None:
+    test = split_test(samples, SplitConfig(by="polygon", test_fraction=0.4))
+    feats = {"embeddings": samples.features}
+    clean = label_efficiency(feats, samples, test, HeadConfig(), ks=(5,), seeds=2)
+    noisy = label_efficiency(feats, samples, test, HeadConfig(), ks=(5,), seeds=2,
+                             label_noise=0.6)
+    assert noisy.mean("embeddings", 5) < clean.mean("embeddings", 5) - 0.1
+    assert noisy.n_test_samples == clean.n_test_samples
