@@ -173,3 +173,32 @@ def test_build_with_given_checkpoint_publishes_same_bytes(built, tmp_path):
     b = zarr.open_group(other.store_uri, mode="r")["utm31"]
     assert np.array_equal(a["embeddings"][:], b["embeddings"][:])
     assert np.array_equal(a["scales"][:], b["scales"][:], equal_nan=True)
+
+
+def test_same_build_into_another_root_publishes_identical_files(built, tmp_path):
+    """The same config and seed into another output root (another path, another time): every
+    published file is byte-identical, the STAC catalogue included, and the catalogue
+    validates and names no machine path."""
+    cfg, result, root, _ = built
+    from flows.build import build_region
+    from tasks.catalog import validate_catalog
+
+    other_root = tmp_path / "elsewhere" / "out"
+    cfg3 = cfg.model_copy(update={
+        "storage": cfg.storage.model_copy(update={"output_uri": str(other_root)}),
+    })
+    state = build_region(config=cfg3, return_state=True)
+    assert state.is_completed(), state.message
+    a_root = root / "out"
+
+    def files(base):  # noqa: ANN001, ANN202
+        return {p.relative_to(base).as_posix(): p.read_bytes()
+                for p in sorted(base.rglob("*")) if p.is_file()}
+
+    a, b = files(a_root), files(other_root)
+    assert sorted(a) == sorted(b) and len(a) > 20
+    differ = [k for k in a if a[k] != b[k]]
+    assert not differ, differ
+    for content in b.values():
+        assert str(a_root).encode() not in content and str(other_root).encode() not in content
+    assert validate_catalog(str(other_root), cfg3.storage) >= 3
