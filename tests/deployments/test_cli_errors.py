@@ -250,11 +250,14 @@ def test_cli_defaults_are_real_prefect_settings(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "123")
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "31")
     s = Settings()
     assert s.server.analytics_enabled is False
     assert s.server.ephemeral.startup_timeout_seconds == 123
+    assert s.flows.heartbeat_frequency == 31
     assert set(cli.CLI_PREFECT_DEFAULTS) == {"PREFECT_SERVER_ANALYTICS_ENABLED",
-                                             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+                                             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                                             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"}
 
 
 def test_published_seconds_are_the_command_wall_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -74,14 +74,25 @@ class _Marker:
 
 
 @pytest.mark.integration
-def test_cached_results_are_json_and_tampering_fails_loudly(prefect_harness, tmp_path) -> None:
+def test_cached_results_are_json_and_tampering_fails_loudly(prefect_harness, tmp_path,
+                                                            tiny_checkpoint) -> None:
+    import shutil
+
+    import torch
     from prefect import flow
 
     from tasks import prefect_tasks as pt
+    from tessera_model import (
+        ModelSpec,
+        TesseraModel,
+        build_checkpoint,
+        read_checkpoint,
+        save_checkpoint,
+    )
 
     storage = StorageConfig(work_uri=str(tmp_path / "work"), output_uri=str(tmp_path / "out"))
     ckpt = tmp_path / "model.pt"
-    ckpt.write_bytes(b"first checkpoint bytes")
+    shutil.copy(tiny_checkpoint, ckpt)
     results = pt.result_storage_for(storage)
 
     @flow
@@ -97,7 +108,9 @@ def test_cached_results_are_json_and_tampering_fails_loudly(prefect_harness, tmp
     assert run() == first  # served from cache
 
     # replaced at the same URI: the key follows the file, the new bytes are read
-    ckpt.write_bytes(b"second, different checkpoint bytes")
+    spec = read_checkpoint(str(tiny_checkpoint))["model_spec"]
+    torch.manual_seed(2)  # same architecture, other weights, same path
+    save_checkpoint(build_checkpoint(TesseraModel(ModelSpec(**spec))), ckpt)
     second = run()
     assert second.key != first.key and second.uri == first.uri
 
