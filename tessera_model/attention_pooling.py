@@ -27,5 +27,7 @@ class QueryAttentionPooling(nn.Module):
         Returns:
             (B, D) softmax-weighted sum over T (for T = 1 the single token: same value).
         """
-        weights = torch.softmax(self.query(x).float(), dim=1).to(x.dtype)  # (B, T, 1)
+        scores = self.query(x)  # (B, T, 1); softmax in at least float32 (bf16 autocast)
+        weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=1)
+        weights = weights.to(x.dtype)
         return (weights * x).sum(dim=1)

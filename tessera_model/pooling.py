@@ -114,5 +114,7 @@ class TemporalAttentionPooling(nn.Module):
             return x[:, 0]
         context = self.temporal_context(x)
         scores = self.query(self.layer_norm(context))  # (B, T, 1)
-        weights = torch.softmax(scores.float(), dim=1).to(x.dtype)
+        # softmax in at least float32 (bf16 autocast), float64 stays float64
+        weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=1)
+        weights = weights.to(x.dtype)
         return (weights * x).sum(dim=1)

@@ -86,10 +86,14 @@ def backbone(sd: dict[str, np.ndarray], pre: str, x: np.ndarray, heads: int, fam
     lin = lambda v, k: v @ sd[k + ".weight"].T + sd[k + ".bias"]  # noqa: E731
     h = lin(np.maximum(lin(x[:, :c], pre + "embedding.0"), 0), pre + "embedding.2")
     d = h.shape[1]
-    f = np.exp(np.arange(0, d, 2) * (-math.log(10000.0) / d))
-    pe = np.zeros_like(h)
-    pe[:, 0::2] = np.sin(x[:, c:] * f)
-    pe[:, 1::2] = np.cos(x[:, c:] * f)
+    # DOY encoding in float32, as the reference computes it (tessera-v2.md section 1): the
+    # frequencies correctly rounded to float32 (a raw DOY up to 366 multiplies any rounding
+    # difference of f, so NumPy's own float32 exp, often 1 ulp off, would not do).
+    a = np.arange(0, d, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / d)
+    f = np.exp(a.astype(np.float64)).astype(np.float32)
+    pe = np.zeros(h.shape, np.float32)
+    pe[:, 0::2] = np.sin(x[:, c:].astype(np.float32) * f)
+    pe[:, 1::2] = np.cos(x[:, c:].astype(np.float32) * f)
     h = h + pe
     n_layers = len({k.split(".")[3] for k in sd if k.startswith(pre + "transformer_encoder")})
     hd = d // heads
@@ -141,18 +145,22 @@ def reference_embed(
 ) -> np.ndarray:
     """(N, 128) float64, NaN for pixels with no valid step at all. Raw inputs per pixel."""
     sd = {k: v.detach().double().numpy() for k, v in state.items()}
-    m2, s2d, ma, sa, md, sdd = (np.asarray(v, np.float64) for v in STATS[family])
+    # Standardisation in float32, as the reference does (tessera-v2.md section 2); the model
+    # math after it in float64.
+    m2, s2d, ma, sa, md, sdd = (np.asarray(v, np.float32) for v in STATS[family])
+
+    def zscore(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        return ((x.astype(np.float32) - mean) / std).astype(np.float64)
+
     out = np.full((s2.shape[0], 128), np.nan)
     for p in range(s2.shape[0]):
         v2 = np.nonzero(s2_valid[p])[0]
-        x2_all = np.concatenate(
-            [(s2[p, v2].astype(np.float64) - m2) / s2d, s2_doy[v2, None].astype(np.float64)], 1
-        )
+        x2_all = np.concatenate([zscore(s2[p, v2], m2, s2d), s2_doy[v2, None].astype(np.float64)], 1)
         va = np.nonzero((s1_asc[p] != 0).any(-1))[0]
         vd = np.nonzero((s1_desc[p] != 0).any(-1))[0]
         x1_all = np.concatenate([
-            np.concatenate([(s1_asc[p, va] - ma) / sa, s1_asc_doy[va, None]], 1),
-            np.concatenate([(s1_desc[p, vd] - md) / sdd, s1_desc_doy[vd, None]], 1),
+            np.concatenate([zscore(s1_asc[p, va], ma, sa), s1_asc_doy[va, None]], 1),
+            np.concatenate([zscore(s1_desc[p, vd], md, sdd), s1_desc_doy[vd, None]], 1),
         ]).astype(np.float64)
         if len(x2_all) == 0 and len(x1_all) == 0:
             continue

@@ -138,18 +138,11 @@ def test_v2_nano_matches_reference_math() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["v2-small", "v2-medium", "v2-large", "v1.1", "v1.1-aws"])
+@pytest.mark.parametrize("preset", ["v2-small", "v2-medium", "v2-large", "v1.1"])
 def test_full_size_presets_match_reference_math(preset: str) -> None:
     model = random_model(ModelSpec.preset(preset))
     px = edge_pixels(t2=40)
     px = {k: (v[4:12] if v.ndim > 1 else v) for k, v in px.items()}  # 1..40 observations
-    if preset == "v1.1-aws":  # the document's AWS statistics through our table
-        from tessera_model.normalisation import NORMALISATION
-
-        st = NORMALISATION["v1.1-aws"]
-        ref.STATS["v1.1-aws"] = (st.s2_mean, st.s2_std, st.s1_asc_mean, st.s1_asc_std,
-                                 st.s1_desc_mean, st.s1_desc_std)  # fmt: skip
-        pytest.skip("AWS statistics are checked by value in test_normalisation_values")
     got, want = ours(model, px), theirs(model, px)
     assert np.abs(got - want).max() < 1e-5
 
