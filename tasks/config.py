@@ -368,7 +368,8 @@ class TrainingConfig(_Model):
     )
     checkpoint_uri: str | None = Field(
         default=None,
-        description="Existing checkpoint (ours or the official TESSERA format) to embed with.",
+        description="Existing checkpoint (ours or the official TESSERA format) to embed with: "
+        "a local path, s3://, http(s):// or hf://OWNER/REPO/PATH[@REVISION] (Hugging Face Hub).",
     )
     steps: int = Field(default=150, ge=1, le=10_000_000, description="Optimiser steps.")
     batch_size: int = Field(default=256, ge=4, le=1_048_576, description="Global batch size.")
@@ -404,7 +405,7 @@ class TrainingConfig(_Model):
     @field_validator("checkpoint_uri")
     @classmethod
     def _check_uri(cls, v: str | None) -> str | None:
-        return v if v is None else check_uri(v, (*URI_SCHEMES, "http", "https"))
+        return v if v is None else check_uri(v, (*URI_SCHEMES, "http", "https", "hf"))
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:

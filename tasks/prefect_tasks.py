@@ -81,7 +81,7 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     name = context.task.name
     extra: Any = None
     if name == "given-checkpoint":
-        extra = file_identity(parameters["uri"], parameters["storage"])
+        extra = file_identity(parameters["uri"], parameters["storage"], parameters.get("model"))
     return f"{name}-{content_key(code_version(*TASK_CODE[name]), parameters, extra)}"
 
 

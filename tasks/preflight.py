@@ -165,7 +165,14 @@ def _storage_checks(cfg: BuildConfig, with_block: bool) -> None:
         return (bool(st.s3_credentials_block) and uri.startswith("s3://")) == with_block
 
     ckpt = cfg.training.checkpoint_uri or ""
-    if not cfg.training.enabled and mine(ckpt):
+    if not cfg.training.enabled and ckpt.startswith("hf://"):
+        if with_block:  # one HEAD request through the Hub client; the token may be in a block
+            from tasks.checkpoints import hf_identity, parse_hf_uri
+            from tasks.credentials import hf_token
+
+            hf_identity(parse_hf_uri(ckpt), hf_token(cfg.model.hf_token_secret),
+                        cfg.model.hf_endpoint)
+    elif not cfg.training.enabled and mine(ckpt):
         check_readable(ckpt, st, "training.checkpoint_uri")
     for uri, field in ((st.output_uri, "storage.output_uri"), (st.work_uri, "storage.work_uri")):
         if mine(uri):

@@ -55,7 +55,7 @@ from tessera_model import (
 )
 from tessera_model.data import concat_arrays
 
-CODE = ("tasks.train", "tessera_model")
+CODE = ("tasks.train", "tasks.checkpoints", "tessera_model")
 _FIELDS = ("s2", "s2_doy", "s2_valid", "s1", "s1_doy", "s1_valid")
 TRAINSET_FORMAT = "tessera-factory-trainset-2"
 """Root attribute ``format`` of a sharded training set (version 1 was one unsharded group)."""
