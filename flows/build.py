@@ -26,11 +26,13 @@ from flows.runs import claim_current_run, crash_dead_runs
 from tasks import prefect_tasks as pt
 from tasks.config import BuildConfig, RunnerConfig
 from tasks.grid import Tile, plan_tiles
+from tasks.heads.stages import EvaluationRef
 from tasks.preflight import preflight
 from tasks.preview import preview_markdown
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
 from tasks.stop import install_stop_handlers
 from tasks.storage import join, normalise
+from tasks.threads import apply_torch_threads, available_cores, quiet_openmp, threads_per_worker
 
 
 class BuildResult(BaseModel):
@@ -42,6 +44,8 @@ class BuildResult(BaseModel):
     model_version: str
     n_valid_pixels: int
     seconds: float
+    evaluation: EvaluationRef | None = Field(
+        default=None, description="The evaluation step's result (evaluation.enabled).")
 
 
 def plan(config: BuildConfig) -> list[Tile]:
@@ -64,6 +68,16 @@ def _tile_rows(scenes: list[SceneRef], masks: list[MaskRef], dps: list[DPixelRef
             "seconds_embed": e.seconds, "seconds_publish": p.seconds,
         })
     return rows
+
+
+def torch_threads(cfg: RunnerConfig) -> tuple[int, int]:
+    """Torch threads of (each worker's tasks, training) for a runner config; 0 means "let each
+    worker decide" (a remote Dask cluster with ``torch_threads: auto``: its cores // its
+    threads). Workers x threads <= cores; training, which runs alone, gets every core."""
+    if cfg.kind == "dask" and cfg.dask_address and cfg.torch_threads == "auto":
+        return 0, 0
+    per_worker = threads_per_worker(cfg.torch_threads, cfg.max_workers)
+    return per_worker, (available_cores() if cfg.torch_threads == "auto" else per_worker)
 
 
 def task_runner_for(cfg: RunnerConfig) -> TaskRunner:
@@ -92,6 +106,7 @@ def build_region(config: BuildConfig) -> BuildResult:
     task runner the config names (threads, processes or Dask).
     """
     install_stop_handlers()  # SIGTERM from a runner's cancellation stops the tasks (tasks/stop.py)
+    quiet_openmp()  # worker processes started below inherit it (tasks/threads.py)
     cfg = preflight(config)
     claim_current_run()
     crash_dead_runs()  # runs of killed builds do not stay RUNNING (flows/runs.py)
@@ -112,8 +127,9 @@ def build_stages(config: BuildConfig) -> BuildResult:
     cfg = config
     st = cfg.storage
     tiles = plan(cfg)
-    log.info("Building %d tile(s) of %s for %d: %s", len(tiles), cfg.region.name, cfg.year,
-             ", ".join(t.id for t in tiles))
+    threads, train_threads = torch_threads(cfg.runner)
+    log.info("Building %d tile(s) of %s for %d: %s (torch threads per worker: %s)", len(tiles),
+             cfg.region.name, cfg.year, ", ".join(t.id for t in tiles), threads or "auto")
     results = pt.result_storage_for(st)
 
     def opt(t):  # noqa: ANN001, ANN202
@@ -147,14 +163,16 @@ def build_stages(config: BuildConfig) -> BuildResult:
 
     if cfg.training.enabled:
         ts = opt(pt.training_set_task).submit(dps, cfg.training, cfg.seed, st)
-        ckpt_f = opt(pt.train_task).submit(ts, cfg.model, cfg.training, cfg.seed, st)
+        ckpt_f = opt(pt.train_task).submit(ts, cfg.model, cfg.training, cfg.seed, st,
+                                           threads=train_threads)
     else:
         ckpt_f = opt(pt.given_checkpoint_task).submit(cfg.training.checkpoint_uri, cfg.model, st)
     ckpt: CheckpointRef = advance([ckpt_f])[0]
     log.info("model %s (checkpoint %s)", ckpt.model_version, ckpt.uri)
 
     prep = opt(pt.prepare_stores_task).submit(tiles, cfg.year, cfg.publish, st, ckpt.model_version)
-    emb_f = [opt(pt.embed_task).submit(d, ckpt, cfg.embedding, cfg.seed, st) for d in dps]
+    emb_f = [opt(pt.embed_task).submit(d, ckpt, cfg.embedding, cfg.seed, st, threads=threads)
+             for d in dps]
     pub_f = [opt(pt.publish_task).submit(e, cfg.year, cfg.publish, st, ckpt.model_version, wait_for=[prep])
              for e in emb_f]
     embs: list[EmbeddingRef] = advance(emb_f)
@@ -169,8 +187,10 @@ def build_stages(config: BuildConfig) -> BuildResult:
         create_markdown_artifact(markdown=preview_markdown(pv.png_uri, st, f"{g} {cfg.year}"),
                                  key=f"preview-{g}", description=f"PCA RGB quicklook of {g} {cfg.year}")
     log.info("catalogue: %d tile(s), %s", cat.result().n_tiles, cat.result().manifest_uri)
+    evaluation = None
     if cfg.evaluation.enabled:  # label-efficiency report + predicted map (flows/heads.py)
-        run_evaluation(cfg, dps, ckpt)
+        apply_torch_threads(train_threads)  # runs alone, in this thread
+        evaluation = run_evaluation(cfg, dps, ckpt)
 
     rows = _tile_rows(scenes, masks, dps, embs, pubs)
     create_table_artifact(table=rows, key="build-tiles",
@@ -179,7 +199,7 @@ def build_stages(config: BuildConfig) -> BuildResult:
     result = BuildResult(
         store_uri=store, groups=groups, tiles=[t.id for t in tiles],
         model_version=ckpt.model_version, n_valid_pixels=sum(e.n_valid for e in embs),
-        seconds=round(time.perf_counter() - t0, 2),
+        seconds=round(time.perf_counter() - t0, 2), evaluation=evaluation,
     )
     log.info("published %d pixels to %s (groups %s) in %.1f s", result.n_valid_pixels, store,
              ", ".join(groups), result.seconds)

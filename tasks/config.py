@@ -510,6 +510,13 @@ class RunnerConfig(_Model):
         pattern=r"^(tcp|tls|ws|wss|inproc)://.+",
         description="Address of a running dask.distributed scheduler, e.g. tcp://10.0.0.5:8786.",
     )
+    torch_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        default="auto",
+        description="Torch intra-op threads per worker; 'auto' = cores // max_workers (cores: "
+        "this process's CPU affinity, or the cgroup quota if smaller; at least 1), so workers "
+        "x threads <= cores. Training, which runs alone, gets all the cores. On a remote Dask "
+        "cluster 'auto' is each worker's cores // its threads (tasks/threads.py).",
+    )
 
 
 class EvaluationConfig(_Model):

@@ -28,7 +28,6 @@ overlapping regions compose in one store (a re-publish of the same tile is a no-
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -60,7 +59,6 @@ from tessera_model import (
 )
 
 CODE = ("tasks.embed", "tasks.grid", "tasks.checkpoints", "tessera_model")
-_CPU_LOCK = threading.Lock()
 S1_ORBIT_KEY = {"ascending": 0, "descending": 1000}
 """Added to an S1 day of year to make the sampling key of a step (asc/desc may share a DOY)."""
 V1_EMPTY_ORBIT_DOY = 180
@@ -202,22 +200,21 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
             block_emb = np.full((bh * bw, d), np.nan, dtype=np.float32)
             idx = np.flatnonzero(sel)
             if idx.size:
-                # On CPU torch already uses every core: concurrent tiles of one process take
-                # turns rather than oversubscribe the cores (which stalls its thread pool).
-                with _CPU_LOCK if device.type == "cpu" else contextlib.nullcontext():
-                    if v1_family:
-                        block_emb[idx] = embed_pixels(
-                            model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx],
-                            s1_doy, s1_keys, pixel_ids(tile, rows, cols)[idx], seed=seed,
-                            batch_size=cfg.batch_size, device=device, compile=cfg.compile,
-                            before_batch=lambda: check_stop(what), all_steps_fallback=True,
-                        )
-                    else:
-                        block_emb[idx] = embed_pixels_binned(
-                            model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_doy, s1_desc,
-                            batch_size=cfg.batch_size, device=device, bf16=cfg.bf16,
-                            before_batch=lambda: check_stop(what),
-                        )
+                # No lock: concurrent tiles of one process each run on their own share of
+                # the cores (the task set this thread's torch threads, tasks/threads.py).
+                if v1_family:
+                    block_emb[idx] = embed_pixels(
+                        model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx],
+                        s1_doy, s1_keys, pixel_ids(tile, rows, cols)[idx], seed=seed,
+                        batch_size=cfg.batch_size, device=device, compile=cfg.compile,
+                        before_batch=lambda: check_stop(what), all_steps_fallback=True,
+                    )
+                else:
+                    block_emb[idx] = embed_pixels_binned(
+                        model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_doy, s1_desc,
+                        batch_size=cfg.batch_size, device=device, bf16=cfg.bf16,
+                        before_batch=lambda: check_stop(what),
+                    )
             emb[rows, cols, :] = block_emb.reshape(bh, bw, d)
             n_valid += int(idx.size)
     out.attrs.update({"tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),

@@ -35,6 +35,7 @@ from tasks.sources.sentinelhub import (
 )
 from tasks.sources.stac import StacPermanentError, StacSourceError
 from tasks.storage import code_version, content_key, is_transient
+from tasks.threads import apply_torch_threads
 
 RETRY_DELAYS = [2, 10, 30]
 GPU_LIMIT = "gpu"
@@ -76,9 +77,11 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Cache key of a stage call: task name, its code's version and every input.
 
     A given checkpoint is named by a URI whose bytes may change: its key also holds the
-    file's identity (:func:`file_identity`).
+    file's identity (:func:`file_identity`). The torch thread count (``threads``) is left
+    out: it changes how fast a result is made, not the result.
     """
     name = context.task.name
+    parameters = {k: v for k, v in parameters.items() if k != "threads"}
     extra: Any = None
     if name == "given-checkpoint":
         extra = file_identity(parameters["uri"], parameters["storage"], parameters.get("model"))
@@ -159,9 +162,11 @@ def training_set_task(dpixel_refs, cfg, seed, storage):  # noqa: ANN001, ANN201
 
 
 @task(name="train", retries=1, retry_delay_seconds=RETRY_DELAYS, **_common)
-def train_task(training_set, model, cfg, seed, storage):  # noqa: ANN001, ANN201
+def train_task(training_set, model, cfg, seed, storage, threads=0):  # noqa: ANN001, ANN201
     """Holds a slot of the ``gpu`` concurrency limit (when it exists) while training, and
-    reports steps, loss and time left in the run log and a ``training-progress`` artifact."""
+    reports steps, loss and time left in the run log and a ``training-progress`` artifact.
+    Runs with ``threads`` torch threads (0: this worker's share, :mod:`tasks.threads`)."""
+    apply_torch_threads(threads)
     log = get_run_logger()
     art = create_progress_artifact(progress=0.0, key="training-progress",
                                    description="Training steps done")
@@ -181,7 +186,9 @@ def given_checkpoint_task(uri, model, storage):  # noqa: ANN001, ANN201
 
 
 @task(name="embed", retries=1, retry_delay_seconds=RETRY_DELAYS, task_run_name="embed-{dp.tile}", **_common)
-def embed_task(dp, ckpt, cfg, seed, storage):  # noqa: ANN001, ANN201
+def embed_task(dp, ckpt, cfg, seed, storage, threads=0):  # noqa: ANN001, ANN201
+    """Runs with ``threads`` torch threads (0: this worker's share, :mod:`tasks.threads`)."""
+    apply_torch_threads(threads)
     return embed.embed_tile(dp, ckpt, cfg, seed, storage)
 
 

@@ -423,7 +423,10 @@ def run_torchrun(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, se
            "training": cfg.model_dump(mode="json"), "seed": seed,
            "storage": storage.model_dump(mode="json"), "checkpoint": checkpoint_path,
            "upload_to": upload_to}
-    env = {**os.environ, JOB_ENV: json.dumps(job), PARENT_ENV: str(os.getpid())}
+    from tasks.threads import child_env  # ranks share this task's torch threads
+
+    env = {**os.environ, **child_env(torch.get_num_threads(), cfg.processes),
+           JOB_ENV: json.dumps(job), PARENT_ENV: str(os.getpid())}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={cfg.processes}", "-m", "tasks.train"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)

@@ -12,6 +12,9 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tessera-prefect-h
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Before torch is imported: OpenMP threads sleep while they wait (tasks/threads.py); spinning
+# threads made the suite many times slower on a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
