@@ -28,32 +28,89 @@ MIN_ABSMAX_V2 = 1e-12
 QuantRule = Literal["v1", "v2"]
 
 
+STEP_ROWS = 512
+"""Pixels quantised per step: 256 KiB of float32 scratch at 128 dims, so every pass over a
+step stays in the core's cache and no full-size temporary is made."""
+
+
 def quantise(
     embeddings: npt.NDArray[np.floating], rule: QuantRule = "v1"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
-    """Quantise embeddings per pixel.
+    """Quantise embeddings per pixel, streaming over :data:`STEP_ROWS` pixels at a time.
+
+    The input is read in steps of pixels into one small float32 scratch buffer (absolute
+    value, per-pixel maximum, division by the scale, round half to even, clip, cast), so
+    memory beyond the outputs is a few hundred KiB whatever the size of the input, and the
+    passes run from cache. The arithmetic is the rule's, operation for operation in float32,
+    so the bytes equal those of the plain full-array formula (pinned by the tests).
 
     Args:
-        embeddings: (..., D) float array.
+        embeddings: (..., D) float array (any float dtype; cast to float32 step by step). A
+            strided view such as a Matryoshka prefix ``e[..., :K]`` is read in place when
+            its pixels can be addressed as rows (the usual case); otherwise it is copied.
         rule: ``"v1"`` or ``"v2"`` (module docstring).
 
     Returns:
         ``(q, s)``: q int8 (..., D), s float32 (...); NaN rows give q = 0, s = NaN.
+
+    Raises:
+        ValueError: an unknown rule.
     """
-    e = np.asarray(embeddings, dtype=np.float32)
-    nodata = np.isnan(e).any(axis=-1)
-    e = np.where(nodata[..., None], np.float32(0), e)
-    absmax = np.abs(e).max(axis=-1)
-    if rule == "v1":
-        s = np.maximum(absmax / np.float32(QMAX), np.float32(MIN_SCALE))
-    elif rule == "v2":
-        s = np.maximum(absmax, np.float32(MIN_ABSMAX_V2)) / np.float32(QMAX)
-    else:
+    if rule not in ("v1", "v2"):
         raise ValueError(f"Expected rule 'v1' or 'v2'. Got {rule!r}.")
-    q = np.clip(np.round(e / s[..., None]), -QMAX, QMAX).astype(np.int8)
-    q[nodata] = 0
-    s = np.where(nodata, np.float32(np.nan), s).astype(np.float32)
-    return q, s
+    e = np.asarray(embeddings)
+    if not np.issubdtype(e.dtype, np.floating):
+        e = e.astype(np.float32)
+    lead, d = e.shape[:-1], e.shape[-1]
+    rows = _as_rows(e)
+    n = rows.shape[0]
+    q = np.empty((n, d), np.int8)
+    s = np.empty(n, np.float32)
+    step = max(1, min(STEP_ROWS, n))
+    buf = np.empty((step, d), np.float32)
+    for i in range(0, n, step):
+        k = min(step, n - i)
+        x, b, si, qi = rows[i : i + k], buf[:k], s[i : i + k], q[i : i + k]
+        if x.dtype != np.float32:
+            np.copyto(b, x, casting="same_kind")
+            x = b.copy()  # the float32 values the rule works on (one step, not the input)
+        _quantise_step(x, b, si, qi, rule)
+    return q.reshape(*lead, d), s.reshape(lead)
+
+
+def _as_rows(e: np.ndarray) -> np.ndarray:
+    """(N, D) view of a (..., D) array without copying when its strides allow."""
+    rows = e.view()
+    try:
+        rows.shape = (-1, e.shape[-1])  # raises instead of copying
+    except AttributeError:
+        rows = np.ascontiguousarray(e).reshape(-1, e.shape[-1])
+    return rows
+
+
+def _quantise_step(
+    x: np.ndarray, b: np.ndarray, s: np.ndarray, q: np.ndarray, rule: QuantRule
+) -> None:
+    """One step: x (k, D) float32 in, scratch b (k, D), scales s (k,) and q (k, D) out."""
+    np.abs(x, out=b)
+    np.max(b, axis=1, out=s)  # NaN propagates: a no-data pixel has a NaN maximum
+    nodata = np.isnan(s)
+    gaps = bool(nodata.any())
+    if gaps:
+        s[nodata] = 0
+    if rule == "v1":
+        np.divide(s, np.float32(QMAX), out=s)
+        np.maximum(s, np.float32(MIN_SCALE), out=s)
+    else:
+        np.maximum(s, np.float32(MIN_ABSMAX_V2), out=s)
+        np.divide(s, np.float32(QMAX), out=s)
+    np.divide(x, s[:, None], out=b)
+    np.rint(b, out=b)  # round half to even, as np.round
+    np.clip(b, -QMAX, QMAX, out=b)
+    if gaps:
+        b[nodata] = 0
+        s[nodata] = np.nan
+    np.copyto(q, b, casting="unsafe")  # integral values in [-127, 127]: exact
 
 
 def dequantise(

@@ -192,23 +192,24 @@ def test_publish_killed_between_blocks_leaves_tile_absent_and_rerun_completes(
     publish_tile(_write_emb(tmp_path, big, e1, "a"), YEAR, CFG, storage, MODEL)
     _check_tile(storage, big, e1)
 
-    real = tq.quantise
+    real = ZoneLease.renew
     calls = {"n": 0}
 
-    def dying_quantise(e, **kw):  # noqa: ANN001, ANN003, ANN202
+    def dying_renew(self: ZoneLease) -> None:  # the publisher renews after every block
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 1:
             raise RuntimeError("killed between blocks")
-        return real(e, **kw)
+        real(self)
 
-    monkeypatch.setattr(tq, "quantise", dying_quantise)
+    monkeypatch.setattr(ZoneLease, "renew", dying_renew)
     with pytest.raises(RuntimeError, match="killed between blocks"):
         publish_tile(_write_emb(tmp_path, big, e2, "b"), YEAR, CFG, storage, MODEL)
-    monkeypatch.setattr(tq, "quantise", real)
-    assert calls["n"] == 2
+    monkeypatch.setattr(ZoneLease, "renew", real)
+    assert calls["n"] == 1
 
     g = _zone(storage)
     assert np.isnan(g["scales"][:]).all(), "a half-written tile is visible"
+    assert (g["embeddings"][:256] != 0).any(), "the first block was not written"
     assert read_tile_record(storage.output_uri, YEAR, big, storage) is None
     assert g.attrs["tessera:n_tiles"] == 0
 
@@ -216,6 +217,41 @@ def test_publish_killed_between_blocks_leaves_tile_absent_and_rerun_completes(
     assert not ref.skipped
     _check_tile(storage, big, e2)
     _check_consistent(storage, n_tiles=1, n_bands=16)
+
+
+def test_republish_killed_while_reading_keeps_the_old_tile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tile with a record is read, hashed and quantised before anything is written: a
+    publish of new content killed there leaves the old content published."""
+    storage = _storage(tmp_path)
+    big = Tile(zone=31, south=False, x0=T_A.x0, y0=T_A.y0, size_px=512)  # 2 write blocks
+    prepare_zone_stores([big], YEAR, CFG, storage, MODEL, n_bands=16)
+    e1, e2 = _tiled_embedding(big, 1, 16), _tiled_embedding(big, 2, 16)
+    publish_tile(_write_emb(tmp_path, big, e1, "a"), YEAR, CFG, storage, MODEL)
+    before = read_tile_record(storage.output_uri, YEAR, big, storage)
+
+    real = tq.quantise
+    calls = {"n": 0}
+
+    def dying_quantise(e, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed while reading")
+        return real(e, **kw)
+
+    monkeypatch.setattr(tq, "quantise", dying_quantise)
+    with pytest.raises(RuntimeError, match="killed while reading"):
+        publish_tile(_write_emb(tmp_path, big, e2, "b"), YEAR, CFG, storage, MODEL)
+    monkeypatch.setattr(tq, "quantise", real)
+    assert calls["n"] == 2
+
+    _check_tile(storage, big, e1)
+    assert read_tile_record(storage.output_uri, YEAR, big, storage) == before
+    _check_consistent(storage, n_tiles=1, n_bands=16)
+    ref = publish_tile(_write_emb(tmp_path, big, e2, "c"), YEAR, CFG, storage, MODEL)
+    assert not ref.skipped
+    _check_tile(storage, big, e2)
 
 
 # ---- real processes ----------------------------------------------------------------------

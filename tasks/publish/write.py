@@ -1,0 +1,400 @@
+"""Publishing one tile: read, hash, quantise and write in one pass, then commit.
+
+Each write block (256 rows x up to 1,024 columns, :func:`_blocks`) of the float embedding is
+read once. That one read feeds the content hash (SHA-256 of every band, in block order) and
+the streaming quantiser (:func:`tessera_model.quantise.quantise`, on the first K bands), and
+the int8 block goes to the zone group. No pass over the input exists only to hash it.
+
+Commit protocol (under a shared :class:`~tasks.publish.leases.ZoneLease`): retract (record
+removed, scales -> NaN), write ALL int8 embedding blocks, then the scales of the whole tile
+(the commit: a reader treats a NaN scale as absent), then the record and
+``tessera:n_tiles``. A publish killed before its scales leaves the tile absent; killed during
+the scales write, only complete, correct pixels of the new content are visible; a re-run
+finishes it (no record, so no skip).
+
+Skipping: publishing the same content again is a no-op, decided by the content hash, which
+is complete only after the last block. A tile with no record cannot be skipped, so it is
+written while it is read. A tile with a record (a resumed or repeated build) is read,
+hashed and quantised into a local spill file first (:class:`_Spill`, 132 B per pixel, the
+int8 product, never the float input): same key, nothing is written; a different key, the
+blocks are written from the spill. Either way the float input is read once and memory
+stays bounded by one block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import numpy as np
+import zarr
+
+from tasks.config import PublishConfig, StorageConfig
+from tasks.errors import DataError, StorageError
+from tasks.grid import SHARD_PX, Tile
+from tasks.publish._fs import _open_root
+from tasks.publish.conventions import BLOCK_SHARDS, N_BANDS, PUBLISH_FORMAT, quantisation_rule
+from tasks.publish.coords import ZoneExtent, year_store_uri, zone_group_name
+from tasks.publish.grow import _check_no_move
+from tasks.publish.leases import _lease
+from tasks.publish.records import (
+    _converge_n_tiles,
+    _record_uri,
+    provenance_uri,
+    read_tile_record,
+)
+from tasks.publish.zones import _check_root, _check_zone
+from tasks.refs import EmbeddingRef, PublishRef
+from tasks.storage import content_key, get_fs, join, write_bytes_atomic, zarr_store
+
+DEFAULT_INFERENCE = "fp32"
+"""What an embedding without an ``inference`` attribute was computed with."""
+
+
+def _blocks(height: int, width: int) -> Iterator[tuple[slice, slice]]:
+    """Write blocks of a tile, shard row by shard row: (rows, cols) slices, row-major."""
+    step_c = SHARD_PX * BLOCK_SHARDS
+    for r in range(0, height, SHARD_PX):
+        for c in range(0, width, step_c):
+            yield slice(r, min(r + SHARD_PX, height)), slice(c, min(c + step_c, width))
+
+
+class _Block(NamedTuple):
+    """One quantised write block: its place in the tile, int8 (h, w, K), scales (h, w)."""
+
+    rows: slice
+    cols: slice
+    q: np.ndarray
+    s: np.ndarray
+
+
+def _quantise(e: np.ndarray, rule: str = "v1") -> tuple[np.ndarray, np.ndarray]:
+    from tessera_model.quantise import quantise  # the one implementation (section 4)
+
+    q, s = quantise(e, rule=rule)  # type: ignore[arg-type]
+    return np.asarray(q, dtype=np.int8), np.asarray(s, dtype=np.float32)
+
+
+def _read_blocks(
+    src: zarr.Array, in_shape: tuple[int, int, int], n_bands: int, rule: str, hasher: Any
+) -> Iterator[_Block]:
+    """Read each write block once: hash all its bands, quantise its first ``n_bands``.
+
+    ``hasher`` ends as the tile's content hash: SHA-256 of the shape (JSON) and then every
+    block's float32 bytes in block order, the same digest the records have always held.
+    """
+    hasher.update(json.dumps(list(in_shape)).encode())
+    for rows, cols in _blocks(in_shape[0], in_shape[1]):
+        block = np.ascontiguousarray(src[rows, cols, :], dtype=np.float32)
+        hasher.update(block)  # C-contiguous: the buffer is the block's bytes, no copy
+        q, s = _quantise(block[..., :n_bands], rule)
+        del block  # one float block alive at a time
+        yield _Block(rows, cols, q, s)
+
+
+class _Spill:
+    """Quantised blocks parked in a local temporary file until the content key is known.
+
+    The int8 blocks go to the file (deleted on close); the scales (4 B per pixel) stay in
+    memory. Read back block by block, so memory stays bounded whatever the tile size.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="tessera-publish-")
+        self._index: list[tuple[slice, slice, tuple[int, ...], np.ndarray]] = []
+
+    def put(self, block: _Block) -> None:
+        self._index.append((block.rows, block.cols, block.q.shape, block.s))
+        self._file.write(np.ascontiguousarray(block.q).data)
+
+    def blocks(self) -> Iterator[_Block]:
+        self._file.seek(0)
+        for rows, cols, shape, s in self._index:
+            q = np.empty(shape, np.int8)
+            if self._file.readinto(q.data) != q.nbytes:
+                raise StorageError("publish spill file: Expected a whole block. Got a short read.")
+            yield _Block(rows, cols, q, s)
+
+    def __enter__(self) -> _Spill:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._file.close()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one publish is, fixed before its first block is read."""
+
+    tile: Tile
+    year: int
+    store_uri: str
+    group: str
+    model_version: str
+    n_bands: int
+    in_shape: tuple[int, int, int]
+    rule: str
+    coverage: str | None
+    inference: str | None
+
+    @property
+    def where(self) -> str:
+        return join(self.store_uri, self.group)
+
+    def key(self, sha: str) -> str:
+        """The skip key: content, format, model, group and any non-default rule."""
+        extra: tuple[Any, ...] = ()
+        if (self.n_bands, self.rule) != (N_BANDS, "v1"):
+            extra = (self.n_bands, self.rule)
+        if self.inference not in (None, DEFAULT_INFERENCE):
+            extra = (*extra, "inference", self.inference)
+        return content_key("publish", PUBLISH_FORMAT, sha, self.model_version, self.group, *extra)
+
+
+def _check_modes(attrs: dict[str, Any], job: _Job) -> None:
+    """Refuse a tile whose coverage rule or inference mode differs from its zone's.
+
+    A zone without ``tessera:inference`` that already holds tiles holds fp32 ones (the
+    attribute came later; an embedding without ``inference`` is fp32 too).
+
+    Raises:
+        DataError: naming the attribute, the store's value and the tile's.
+    """
+    zone_rule = attrs.get("tessera:coverage_rule")
+    if job.coverage is not None and zone_rule is not None and job.coverage != zone_rule:
+        raise DataError(
+            f"{job.where}: Expected tessera:coverage_rule {zone_rule!r} (the store's). Got "
+            f"{job.coverage!r} for tile {job.tile.id}: one store, one coverage rule."
+        )
+    zone_inf = attrs.get("tessera:inference")
+    if zone_inf is None and int(attrs.get("tessera:n_tiles") or 0) > 0:
+        zone_inf = DEFAULT_INFERENCE
+    tile_inf = job.inference or DEFAULT_INFERENCE
+    if zone_inf is not None and tile_inf != zone_inf:
+        raise DataError(
+            f"{job.where}: Expected tessera:inference {zone_inf!r} (the store's). Got "
+            f"{tile_inf!r} for tile {job.tile.id}: one store, one inference mode (publish to "
+            "another storage.output_uri)."
+        )
+
+
+def publish_tile(
+    emb: EmbeddingRef,
+    year: int,
+    cfg: PublishConfig,
+    storage: StorageConfig,
+    model_version: str,
+) -> PublishRef:
+    """Quantise one tile's float embeddings and commit them into its zone group.
+
+    The zone group must exist and cover the tile (:func:`~tasks.publish.prepare_zone_stores`).
+    Under a shared :class:`~tasks.publish.ZoneLease`: retract, write every int8 embedding
+    block (a shard row, at most 4 shards wide, so input memory is bounded by the block),
+    then the whole tile's scales (the commit; a pixel is visible only once its scale is
+    written), then the record. The float input is read once: that read also computes the
+    content hash (module docstring). A publish that dies before its scales leaves the tile
+    absent, and a re-run completes it. A tile already published with the same content
+    (SHA-256 of the float input), model version and format is skipped, with nothing written;
+    different content replaces it cleanly (the record and the scales are retracted first).
+    The record holds no time, path or cache key (same input, same bytes); when, where to and
+    from which work-root embedding a tile was published goes to
+    :func:`~tasks.publish.provenance_uri` in the work root.
+
+    The embedding group's ``coverage_rule`` and ``inference`` attributes (absent inference
+    means ``"fp32"``) are recorded in the tile record and, by the first tile carrying them,
+    in the zone attributes (``tessera:coverage_rule``, ``tessera:inference``); a tile whose
+    rule or mode differs from its zone's is refused before anything is written.
+
+    Args:
+        emb: Reference to a Zarr group with ``embedding`` float32 (H, W, B), NaN rows = no
+            data, for ``emb.tile``.
+        year: The year store to publish into.
+        cfg: Publish config.
+        storage: Storage roots (``output_uri`` holds the year stores).
+        model_version: Must equal the zone group's ``tessera:model_version``.
+
+    Returns:
+        A :class:`PublishRef` naming the zone group; ``skipped`` when nothing was written.
+
+    Raises:
+        DataError: wrong input shape, version, coverage rule or inference mismatch, or a tile
+            outside the zone grid.
+        StorageError: the year store or zone group does not exist.
+    """
+    tile = emb.tile
+    store_uri = year_store_uri(storage.output_uri, year)
+    name = zone_group_name(tile)
+    where = join(store_uri, name)
+    root = _open_root(store_uri, storage)
+    if root is None or name not in root:
+        raise StorageError(
+            f"tile {tile.id}: Expected zone group {where} (run prepare_zone_stores first). Got none."
+        )
+    _check_root(root, store_uri, year)
+    group = root[name]
+    if not isinstance(group, zarr.Group):
+        raise DataError(f"{where}: Expected a zone group. Got an array.")
+    n_bands = int(group.attrs["tessera:n_bands"])
+    _check_zone(group, where, model_version, n_bands)
+
+    src_group = zarr.open_group(zarr_store(emb.uri, storage, read_only=True), mode="r")
+    if "embedding" not in src_group:
+        raise DataError(f"tile {tile.id}: Expected array 'embedding' in {emb.uri}. Got none.")
+    src = src_group["embedding"]
+    full = int(src.shape[-1]) if isinstance(src, zarr.Array) and src.ndim == 3 else N_BANDS
+    in_shape = (tile.height, tile.width, full)
+    if not isinstance(src, zarr.Array) or tuple(src.shape) != in_shape or full < n_bands:
+        got = tuple(src.shape) if isinstance(src, zarr.Array) else "a group"
+        raise DataError(
+            f"tile {tile.id}: Expected embedding shape {in_shape[:2]} x >= {n_bands}. Got {got}."
+        )
+    inference = src_group.attrs.get("inference")
+    if inference is not None and not isinstance(inference, str):
+        raise DataError(
+            f"{emb.uri}: Expected attribute 'inference' a string such as 'fp32'. Got "
+            f"{inference!r}."
+        )
+    job = _Job(
+        tile=tile,
+        year=year,
+        store_uri=store_uri,
+        group=name,
+        model_version=model_version,
+        n_bands=n_bands,
+        in_shape=in_shape,
+        rule=quantisation_rule(model_version),
+        coverage=src_group.attrs.get("coverage_rule"),
+        inference=inference,
+    )
+    _check_modes(dict(group.attrs), job)
+
+    hasher = hashlib.sha256()
+    blocks = _read_blocks(src, in_shape, n_bands, job.rule, hasher)
+    old = read_tile_record(storage.output_uri, year, tile, storage)
+    if old is None:  # nothing to skip: write while reading
+        sha, key = _write_and_commit(job, blocks, hasher, old, cfg, storage)
+    else:
+        with _Spill() as spill:
+            for block in blocks:
+                spill.put(block)
+            sha = hasher.hexdigest()
+            key = job.key(sha)
+            if old.get("publish_key") == key:
+                return PublishRef(
+                    uri=where, key=key, tile=tile, store_uri=store_uri, group=name, skipped=True
+                )
+            sha, key = _write_and_commit(job, spill.blocks(), hasher, old, cfg, storage)
+    _write_provenance(job, emb, sha, key, storage)
+    return PublishRef(uri=where, key=key, tile=tile, store_uri=store_uri, group=name)
+
+
+def _write_and_commit(
+    job: _Job,
+    blocks: Iterator[_Block],
+    hasher: Any,
+    old: dict[str, Any] | None,
+    cfg: PublishConfig,
+    storage: StorageConfig,
+) -> tuple[str, str]:
+    """Retract, write every block, commit the scales and the record; (sha, key) back.
+
+    ``hasher`` is complete once ``blocks`` is exhausted (it may be fed by them).
+    """
+    tile, store_uri, name, where = job.tile, job.store_uri, job.group, job.where
+    with _lease(store_uri, name, cfg, storage, exclusive=False) as lease:
+        _check_no_move(store_uri, name, storage)
+        # (re)open under the lease: no grid change can happen until it is released
+        group = zarr.open_group(zarr_store(where, storage), mode="r+")
+        attrs = dict(group.attrs)
+        ext = ZoneExtent.from_attrs(attrs)
+        if not ext.covers(tile):
+            raise DataError(
+                f"tile {tile.id}: Expected a tile inside zone grid {where} (bbox {ext.bbox}); "
+                f"run prepare_zone_stores with it first. Got tile bounds {list(tile.bounds)}."
+            )
+        _check_modes(attrs, job)
+        modes = {}
+        if job.coverage is not None and attrs.get("tessera:coverage_rule") is None:
+            modes["tessera:coverage_rule"] = job.coverage
+        if job.inference is not None and attrs.get("tessera:inference") is None:
+            modes["tessera:inference"] = job.inference
+        if modes:
+            group.attrs.update(modes)
+        emb_arr, scales_arr = group["embeddings"], group["scales"]
+        r0, c0 = ext.offset(tile)
+        rows_all, cols_all = slice(r0, r0 + tile.height), slice(c0, c0 + tile.width)
+        # 1. Retract: drop the record, then the scales (whole NaN shards are deleted).
+        record_uri = _record_uri(store_uri, tile)
+        if old is not None:
+            fs, rec_path = get_fs(record_uri, storage)
+            fs.rm(rec_path)
+            _converge_n_tiles(store_uri, where, ext, storage)
+        scales_arr[rows_all, cols_all] = np.full((tile.height, tile.width), np.nan, np.float32)
+        # 2. Every embedding block; the tile's scales wait in memory (4 B/pixel).
+        scales = np.full((tile.height, tile.width), np.nan, np.float32)
+        for rows, cols, q, s in blocks:
+            emb_arr[r0 + rows.start : r0 + rows.stop, c0 + cols.start : c0 + cols.stop, :] = q
+            scales[rows, cols] = s
+            lease.renew()
+        sha = hasher.hexdigest()
+        key = job.key(sha)
+        # 3. The commit: the scales of the whole tile, then the record.
+        scales_arr[rows_all, cols_all] = scales
+        n_valid = int(np.isfinite(scales).sum())
+        record = {
+            "tile_id": tile.id,
+            "group": name,
+            "row_offset": r0,
+            "col_offset": c0,
+            "shape": [tile.height, tile.width, job.n_bands],
+            "bounds": list(tile.bounds),
+            "epsg": ext.epsg,
+            "year": job.year,
+            "content_sha256": sha,
+            "publish_key": key,
+            "publish_format": PUBLISH_FORMAT,
+            **({"coverage_rule": job.coverage} if job.coverage is not None else {}),
+            **({"inference": job.inference} if job.inference is not None else {}),
+            **({"quantisation": job.rule} if job.rule != "v1" else {}),
+            "model_version": job.model_version,
+            "n_valid": n_valid,
+            "n_nodata": tile.height * tile.width - n_valid,
+        }
+        write_bytes_atomic(
+            record_uri, json.dumps(record, sort_keys=True, indent=1).encode(), storage
+        )
+        _converge_n_tiles(store_uri, where, ext, storage)
+    return sha, key
+
+
+def _write_provenance(
+    job: _Job, emb: EmbeddingRef, sha: str, key: str, storage: StorageConfig
+) -> None:
+    """When and from which work-root embedding the tile was published (work root only)."""
+    provenance = {
+        "tile_id": job.tile.id,
+        "year": job.year,
+        "output_uri": storage.output_uri,
+        "publish_key": key,
+        "content_sha256": sha,
+        "source_key": emb.key,
+        "source_uri": emb.uri,
+        "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time())),
+    }
+    write_bytes_atomic(
+        provenance_uri(storage.work_uri, job.year, job.tile),
+        json.dumps(provenance, sort_keys=True, indent=1).encode(),
+        storage,
+    )
+
