@@ -28,6 +28,7 @@ import json
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -86,16 +87,29 @@ def _read_blocks(
 ) -> Iterator[_Block]:
     """Read each write block once: hash all its bands, quantise its first ``n_bands``.
 
-    ``hasher`` ends as the tile's content hash: SHA-256 of the shape (JSON) and then every
-    block's float32 bytes in block order, the same digest the records have always held.
+    A reader thread reads and hashes block i + 1 while the caller quantises and writes
+    block i (numpy, Zarr's codecs and SHA-256 release the GIL), so at most two float blocks
+    are in memory. ``hasher`` ends as the tile's content hash: SHA-256 of the shape (JSON)
+    and then every block's float32 bytes in block order, the digest the records have always
+    held.
     """
     hasher.update(json.dumps(list(in_shape)).encode())
-    for rows, cols in _blocks(in_shape[0], in_shape[1]):
+
+    def read(rows: slice, cols: slice) -> np.ndarray:
         block = np.ascontiguousarray(src[rows, cols, :], dtype=np.float32)
         hasher.update(block)  # C-contiguous: the buffer is the block's bytes, no copy
-        q, s = _quantise(block[..., :n_bands], rule)
-        del block  # one float block alive at a time
-        yield _Block(rows, cols, q, s)
+        return block
+
+    slices = list(_blocks(in_shape[0], in_shape[1]))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-read") as reader:
+        ahead = reader.submit(read, *slices[0])
+        for i, (rows, cols) in enumerate(slices):
+            block = ahead.result()
+            if i + 1 < len(slices):  # in order: one reader thread, so one hash order
+                ahead = reader.submit(read, *slices[i + 1])
+            q, s = _quantise(block[..., :n_bands], rule)
+            del block  # the reader holds the next one
+            yield _Block(rows, cols, q, s)
 
 
 class _Spill:

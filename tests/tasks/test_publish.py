@@ -328,3 +328,63 @@ def test_prepare_returns_one_group_per_zone_and_recounts(tmp_path: Path) -> None
         zarr.open_group(str(tmp_path / "out" / f"{YEAR}.zarr" / "utm31")).attrs["tessera:n_tiles"]
         == 1
     )
+
+
+# ---- inference mode (the embed stage's ``inference`` attribute; absent means fp32) ----------
+
+
+def _emb_with(tmp_path: Path, tile: Tile, seed: int, inference: str | None) -> EmbeddingRef:
+    ref = _write_emb(tmp_path, tile, _embedding(tile, seed), key=f"{seed}-{inference}")
+    if inference is not None:
+        zarr.open_group(ref.uri, mode="r+").attrs.update({"inference": inference})
+    return ref
+
+
+def _zone_attrs(tmp_path: Path) -> dict:
+    return dict(zarr.open_group(str(tmp_path / "out" / f"{YEAR}.zarr" / "utm31")).attrs)
+
+
+def test_inference_recorded_in_record_and_zone_and_a_mismatch_refused(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    prepare_zone_stores([T_A, T_B, T_C], YEAR, CFG, storage, MODEL)
+    publish_tile(_emb_with(tmp_path, T_A, 1, "int8-dynamic"), YEAR, CFG, storage, MODEL)
+    assert _zone_attrs(tmp_path)["tessera:inference"] == "int8-dynamic"
+    rec = read_tile_record(storage.output_uri, YEAR, T_A, storage)
+    assert rec is not None and rec["inference"] == "int8-dynamic"
+
+    for inference, shown in ((None, "'fp32'"), ("fp32", "'fp32'")):  # absent means fp32
+        with pytest.raises(DataError, match=rf"tessera:inference 'int8-dynamic'.*Got {shown}"):
+            publish_tile(_emb_with(tmp_path, T_B, 2, inference), YEAR, CFG, storage, MODEL)
+    # refused before anything was written
+    assert read_tile_record(storage.output_uri, YEAR, T_B, storage) is None
+    g = zarr.open_group(str(tmp_path / "out" / f"{YEAR}.zarr" / "utm31"), mode="r")
+    assert np.isnan(g["scales"][:, 512:768]).all() and (g["embeddings"][:, 512:768] == 0).all()
+    assert g.attrs["tessera:n_tiles"] == 1
+
+    publish_tile(_emb_with(tmp_path, T_C, 3, "int8-dynamic"), YEAR, CFG, storage, MODEL)
+    assert _zone_attrs(tmp_path)["tessera:n_tiles"] == 2
+
+
+def test_inference_absent_is_fp32_and_writes_nothing_new(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    prepare_zone_stores([T_A, T_B, T_C], YEAR, CFG, storage, MODEL)
+    publish_tile(_emb_with(tmp_path, T_A, 1, None), YEAR, CFG, storage, MODEL)
+    assert "tessera:inference" not in _zone_attrs(tmp_path)
+    rec = read_tile_record(storage.output_uri, YEAR, T_A, storage)
+    assert rec is not None and "inference" not in rec
+    # a zone that holds tiles without the attribute holds fp32 tiles
+    with pytest.raises(DataError, match=r"tessera:inference 'fp32'.*Got 'int8-dynamic'"):
+        publish_tile(_emb_with(tmp_path, T_B, 2, "int8-dynamic"), YEAR, CFG, storage, MODEL)
+    publish_tile(_emb_with(tmp_path, T_B, 2, "fp32"), YEAR, CFG, storage, MODEL)
+    assert _zone_attrs(tmp_path)["tessera:inference"] == "fp32"
+    rec_b = read_tile_record(storage.output_uri, YEAR, T_B, storage)
+    assert rec_b is not None and rec_b["inference"] == "fp32"
+
+
+def test_inference_attribute_must_be_a_string(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    prepare_zone_stores([T_A], YEAR, CFG, storage, MODEL)
+    ref = _write_emb(tmp_path, T_A, _embedding(T_A, 1))
+    zarr.open_group(ref.uri, mode="r+").attrs.update({"inference": 8})
+    with pytest.raises(DataError, match="Expected attribute 'inference' a string"):
+        publish_tile(ref, YEAR, CFG, storage, MODEL)
