@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.code in (0, None):
             raise
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    if a.cmd in API_COMMANDS and not os.environ.get("PREFECT_API_URL"):
+        _use_running_server()  # before Prefect is imported, so all of Prefect sees it
     try:
         return _dispatch(a, t0)
     except (KeyboardInterrupt, StopRequested):
@@ -318,6 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     except ServerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_SERVER
+
+
+API_COMMANDS = ("demo", "build", "evaluate", "train-head", "predict-map")
+"""Commands that run a flow (they need a Prefect API)."""
+
+
+def _use_running_server() -> None:
+    """Use the server of a running ``tessera server`` on this machine, if there is one, rather
+    than start a temporary server (deployments/server.py)."""
+    from deployments.server import running_server
+
+    if (url := running_server()) is not None:
+        os.environ["PREFECT_API_URL"] = url
+        print(f"Using the Prefect server of 'tessera server' at {url}", file=sys.stderr)
 
 
 def _dispatch(a: argparse.Namespace, t0: float) -> int:
@@ -351,7 +367,7 @@ def _dispatch(a: argparse.Namespace, t0: float) -> int:
     if a.cmd == "server":
         import os
 
-        from deployments.server import ensure_limits, start_server
+        from deployments.server import ensure_limits, forget_server, record_server, start_server
 
         proc = start_server(port=a.port)
         os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{a.port}/api"
@@ -361,8 +377,11 @@ def _dispatch(a: argparse.Namespace, t0: float) -> int:
 
             ensure_limits(gpu=a.gpu_limit, builds=a.build_limit, sentinelhub=a.sentinelhub_limit,
                           stac=a.stac_limit)
+            # builds from other terminals use this server (no PREFECT_API_URL needed)
+            record_server(os.environ["PREFECT_API_URL"], os.getpid())
             serve_all()
         finally:
+            forget_server(os.getpid())
             proc.terminate()
             proc.wait(timeout=30)
         return 0

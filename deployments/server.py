@@ -1,16 +1,70 @@
-"""Start a local Prefect server, create the factory's concurrency limits, serve deployments."""
+"""Start a local Prefect server, create the factory's concurrency limits, serve deployments.
+
+``tessera server`` records the server it runs in ``$PREFECT_HOME/tessera-server.json`` (URL
+and pid) while it is up; a build from the command line without ``PREFECT_API_URL`` uses that
+server when its process is alive and its API answers (:func:`running_server`), instead of
+starting a temporary one. This module imports no Prefect at import time: the command line
+looks for a running server before Prefect is imported.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
-from flows.ops import BUILD_LIMIT
-from flows.runs import ensure_zombie_automation
-from tasks.prefect_tasks import GPU_LIMIT, SH_LIMIT, STAC_LIMIT
+SERVER_RECORD = "tessera-server.json"
+"""File in ``PREFECT_HOME`` naming the running ``tessera server`` (url, pid)."""
+
+
+def server_record_path() -> Path:
+    """Where ``tessera server`` records itself: ``$PREFECT_HOME/tessera-server.json``."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser() / SERVER_RECORD
+
+
+def record_server(api_url: str, pid: int) -> Path:
+    """Record a running ``tessera server`` (atomically); return the file."""
+    path = server_record_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    from tasks.liveness import process_start
+
+    tmp.write_text(json.dumps({"api_url": api_url, "pid": pid, "start": process_start(pid)}))
+    os.replace(tmp, path)
+    return path
+
+
+def forget_server(pid: int) -> None:
+    """Remove the record of the server run by ``pid`` (left alone if another wrote it)."""
+    path = server_record_path()
+    try:
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def running_server(timeout: float = 2.0) -> str | None:
+    """The API URL of a running ``tessera server`` on this machine (its record names a live
+    process and ``/health`` answers within ``timeout``), else None."""
+    from tasks.liveness import pid_alive
+
+    try:
+        rec = json.loads(server_record_path().read_text())
+        url, pid, start = str(rec["api_url"]), int(rec["pid"]), rec.get("start")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not url.startswith("http://127.0.0.1:") or not pid_alive(pid, start):
+        return None
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+            return url if r.status == 200 else None
+    except OSError:
+        return None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -79,6 +133,10 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 90.
 def ensure_limits(gpu: int = 1, builds: int = 2, sentinelhub: int = 2, stac: int = 4) -> None:
     """Create (or update) the ``gpu``, ``tessera-builds``, ``sentinelhub`` and ``stac`` limits, and the
     automation that crashes flow runs whose heartbeats stopped (:mod:`flows.runs`)."""
+    from flows.ops import BUILD_LIMIT
+    from flows.runs import ensure_zombie_automation
+    from tasks.prefect_tasks import GPU_LIMIT, SH_LIMIT, STAC_LIMIT
+
     ensure_zombie_automation()
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import (

@@ -1,0 +1,122 @@
+"""Benchmark: how a build scales with its number of tiles (time per tile, peak memory).
+
+Usage::
+
+    python benchmarks/bench_scale.py [--tiles 1 4 16] [--workers 2] [--preset tiny|small]
+
+Each build runs the ``build-region`` flow from a fresh process (``tessera build`` through
+``deployments.cli.main``, the ephemeral Prefect server included) into fresh roots: a square
+region of exactly N tiles of 256 px (the smallest tile size; zone 31N, synthetic Earth),
+training off with a fixed checkpoint (``--preset tiny``: a tiny fixed model, so the stages
+around the model show; ``small``: a random-init ``small`` model checkpoint), threads runner
+with ``--workers`` workers. Reported per build: the stages flow's seconds (BuildResult) and
+the command's wall seconds, each per tile, and the build process's peak RSS
+(``ru_maxrss``; the temporary server is a separate process and not counted). Ratios: time
+per tile of N tiles / of 4 tiles, and peak RSS of N tiles / of 1 tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TILE_M = 2560  # 256 px of 10 m
+
+RUN = r"""
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+t0 = time.perf_counter()
+from deployments import cli
+from tasks.config import build_config
+cfg = build_config(None, json.loads({cfg!r}))
+cli.ensure_prefect_api()
+from flows.build import build_region, plan
+n = len(plan(cfg))
+r = build_region(config=cfg)
+print(json.dumps({{"tiles": n, "stages_s": r.seconds, "wall_s": time.perf_counter() - t0,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def make_checkpoint(path: Path, preset: str) -> str:
+    spec = ("ModelSpec(version='tiny-bench', latent_dim=128, d_model=16, n_layers=1, n_heads=2, "
+            "ffn_dim=32, dropout=0.0, projector_dim=32, projector_layers=1, sample_steps=8)"
+            if preset == "tiny" else "ModelSpec.preset('small')")
+    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from tessera_model import ModelSpec, TesseraModel, build_checkpoint, save_checkpoint\n"
+            f"torch.manual_seed(0)\nsave_checkpoint(build_checkpoint(TesseraModel({spec})), "
+            f"{str(path)!r})\n")
+    subprocess.run([PY, "-c", code], check=True)
+    return str(path)
+
+
+def region(n: int) -> dict:
+    """A quadrilateral just inside k x k tiles of zone 31N (n = k * k)."""
+    from pyproj import Transformer
+
+    k = int(round(math.sqrt(n)))
+    assert k * k == n, f"expected a square number of tiles, got {n}"
+    x0, y0, m = 302080, 5788160, 50.0
+    x1, y1 = x0 + k * TILE_M, y0 - k * TILE_M
+    inv = Transformer.from_crs("EPSG:32631", "EPSG:4326", always_xy=True)
+    ring = [list(inv.transform(x, y)) for x, y in
+            [(x0 + m, y0 - m), (x1 - m, y0 - m), (x1 - m, y1 + m), (x0 + m, y1 + m), (x0 + m, y0 - m)]]
+    return {"geojson": {"type": "Polygon", "coordinates": [ring]}, "name": f"scale{n}"}
+
+
+def run_build(root: Path, n: int, ckpt: str, workers: int) -> dict:
+    cfg = {"region": region(n), "year": 2023,
+           "storage": {"output_uri": str(root / "out"), "work_uri": str(root / "work")},
+           "training": {"enabled": False, "checkpoint_uri": ckpt},
+           "runner": {"kind": "threads", "max_workers": workers}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(root / "home"),
+           "PREFECT_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([PY, "-c", RUN.format(root=str(ROOT), cfg=json.dumps(cfg))], env=env,
+                         capture_output=True, text=True, timeout=7200)
+    if out.returncode != 0:
+        sys.exit(f"build of {n} tiles failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiles", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--preset", choices=("tiny", "small"), default="tiny")
+    a = ap.parse_args()
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
+        base = Path(d)
+        ckpt = make_checkpoint(base / "model.pt", a.preset)
+        print(f"checkpoint: {a.preset}, workers: {a.workers}, 256-px tiles")
+        print("| tiles | load before | stages s | stages s / tile | wall s | wall s / tile | "
+              "peak RSS MB |")
+        print("|---|---|---|---|---|---|---|")
+        for n in a.tiles:
+            la = "/".join(f"{x:.1f}" for x in os.getloadavg())
+            r = run_build(base / f"n{n}", n, ckpt, a.workers)
+            assert r["tiles"] == n, r
+            res[n] = r
+            print(f"| {n} | {la} | {r['stages_s']:.1f} | {r['stages_s'] / n:.2f} | "
+                  f"{r['wall_s']:.1f} | {r['wall_s'] / n:.2f} | {r['maxrss_mb']:.0f} |", flush=True)
+    print()
+    ref_t = 4 if 4 in res else min(res)
+    ref_m = min(res)
+    for n, r in res.items():
+        print(f"- {n} tiles: stages time per tile / {ref_t}-tile = "
+              f"{(r['stages_s'] / n) / (res[ref_t]['stages_s'] / ref_t):.2f}; wall per tile / "
+              f"{ref_t}-tile = {(r['wall_s'] / n) / (res[ref_t]['wall_s'] / ref_t):.2f}; peak RSS / "
+              f"{ref_m}-tile = {r['maxrss_mb'] / res[ref_m]['maxrss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
