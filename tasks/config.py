@@ -456,6 +456,22 @@ class EmbeddingConfig(_Model):
         description="v1.1/v2 on CUDA: run under bf16 autocast (the v1.1 reference's GPU "
         "default; v2's reference runs fp32). v1.0 models always use bf16 on CUDA.",
     )
+    precision: Literal["fp32", "int8-dynamic"] = Field(
+        default="fp32",
+        description="CPU inference precision: 'int8-dynamic' runs the dense layers as int8 "
+        "matmuls with per-pixel activation scales (about 2-4x faster, cosine >= 0.999 to "
+        "fp32 per pixel, still independent of the batch; CPU only). Recorded as the "
+        "'inference' attribute of each embedding and part of the embed cache key.",
+    )
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> EmbeddingConfig:
+        if self.precision == "int8-dynamic" and self.device == "cuda":
+            raise ValueError(
+                "Expected embedding.precision 'fp32' with embedding.device 'cuda' (int8-dynamic "
+                "is a CPU path). Got precision 'int8-dynamic'."
+            )
+        return self
 
     def coverage_rule(self, family: str) -> str:
         """The coverage rule recorded with every embedding (and in the published store)."""

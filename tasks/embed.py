@@ -132,7 +132,7 @@ def model_family(ckpt: CheckpointRef) -> str:
 def embedding_uri(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig,
                   seed: int, storage: StorageConfig) -> tuple[str, str]:
     key = content_key("embed", code_version(*CODE), dp.key, ckpt.key,
-                      cfg.coverage_rule(model_family(ckpt)), cfg.bf16, seed)
+                      cfg.coverage_rule(model_family(ckpt)), cfg.bf16, seed, cfg.precision)
     return join(normalise(storage.work_uri), "embeddings", dp.tile.id, f"{key}.zarr"), key
 
 
@@ -208,12 +208,13 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
                         s1_doy, s1_keys, pixel_ids(tile, rows, cols)[idx], seed=seed,
                         batch_size=cfg.batch_size, device=device, compile=cfg.compile,
                         before_batch=lambda: check_stop(what), all_steps_fallback=True,
+                        precision=cfg.precision,
                     )
                 else:
                     block_emb[idx] = embed_pixels_binned(
                         model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_doy, s1_desc,
                         batch_size=cfg.batch_size, device=device, bf16=cfg.bf16,
-                        before_batch=lambda: check_stop(what),
+                        before_batch=lambda: check_stop(what), precision=cfg.precision,
                     )
             emb[rows, cols, :] = block_emb.reshape(bh, bw, d)
             n_valid += int(idx.size)
@@ -221,6 +222,7 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
                       "checkpoint_key": ckpt.key, "model_version": ckpt.model_version,
                       "model_preset": ckpt.preset, "model_family": spec.family,
                       "model_size": spec.size, "spec_version": spec.version,
-                      "coverage_rule": cfg.coverage_rule(spec.family)})
+                      "coverage_rule": cfg.coverage_rule(spec.family),
+                      "inference": cfg.precision})
     return EmbeddingRef(uri=uri, key=key, tile=tile, n_valid=n_valid, n_nodata=h * w - n_valid,
                         seconds=round(time.perf_counter() - t0, 3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ import torch
 
 from tessera_model.errors import InputShapeError
 from tessera_model.inputs import gather_inputs, resolve_device
+from tessera_model.int8 import check_precision
 from tessera_model.model import TesseraModel
 from tessera_model.sampling import sample_indices
 from tessera_model.spec import ModelSpec
@@ -115,6 +117,7 @@ def embed_pixels(
     prefetch: bool | None = None,
     before_batch: Callable[[], None] | None = None,
     all_steps_fallback: bool = False,
+    precision: str = "fp32",
 ) -> npt.NDArray[np.float32]:
     """Embed pixels (v1.0 family); each pixel's result depends only on its data, id and seed.
 
@@ -154,6 +157,9 @@ def embed_pixels(
             reference ``sample_s2_batch``/``sample_s1_batch``): a modality with no valid step
             samples from all its steps (cloudy S2, zero S1), so a pixel is embedded when
             either modality has a valid step. Off: both modalities need one.
+        precision: ``"fp32"`` or ``"int8-dynamic"`` (CPU only: dense layers in int8 with
+            per-row activation scales, :mod:`tessera_model.int8`; still independent of the
+            batch).
 
     Returns:
         (N, embed_dim) float32; NaN rows for pixels not covered (see ``all_steps_fallback``).
@@ -174,6 +180,7 @@ def embed_pixels(
     _check_shape("s2_keys", keys2, (t2,))
 
     dev = resolve_device(device)
+    check_precision(precision, dev)
     model.eval()
     model.to(dev)
     batch = batch_size or auto_batch_size(model.spec, dev)
@@ -182,6 +189,8 @@ def embed_pixels(
     out = np.full((n, model.spec.embed_dim), np.nan, dtype=np.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     encode = torch.compile(model.encode, dynamic=False) if compile else model.encode
+    if precision != "fp32":
+        encode = functools.partial(encode, precision=precision)
     min_rows = batch if compile else MIN_FORWARD_ROWS
 
     def prepare(start: int) -> tuple[int, np.ndarray, torch.Tensor, torch.Tensor] | None:

@@ -29,6 +29,7 @@ import torch
 from tessera_model.binning import bin_size_v2, bin_size_v11, gather_positions
 from tessera_model.infer import _check_shape, auto_batch_size
 from tessera_model.inputs import resolve_device
+from tessera_model.int8 import check_precision
 from tessera_model.model import TesseraModel
 from tessera_model.normalisation import band_stats
 
@@ -105,6 +106,7 @@ def embed_pixels_binned(
     device: str | torch.device | None = None,
     bf16: bool = False,
     before_batch: Callable[[], None] | None = None,
+    precision: str = "fp32",
 ) -> npt.NDArray[np.float32]:
     """Embed pixels with a v1.1 or v2 model; bit-identical whatever the batch size or split.
 
@@ -126,6 +128,7 @@ def embed_pixels_binned(
         bf16: run under bf16 autocast on CUDA (the v1.1 reference's GPU default; the v2
             reference runs fp32 only). Ignored on CPU.
         before_batch: called before every forward pass (stop hook); does not change results.
+        precision: ``"fp32"`` or ``"int8-dynamic"`` (CPU only, :mod:`tessera_model.int8`).
 
     Returns:
         (N, embed_dim) float32; NaN rows for pixels with no valid step in either stream.
@@ -150,6 +153,7 @@ def embed_pixels_binned(
     len1 = stream_bins(n1, family, spec.max_steps)
 
     dev = resolve_device(device)
+    check_precision(precision, dev)
     model.eval()
     model.to(dev)
     cuda = dev.type == "cuda"
@@ -173,6 +177,6 @@ def embed_pixels_binned(
                 if rows.size < BINNED_MIN_ROWS:
                     pad = np.zeros(BINNED_MIN_ROWS - rows.size, dtype=np.int64)
                     t2_, t1_ = torch.cat([t2_, t2_[pad]]), torch.cat([t1_, t1_[pad]])
-                emb = model.encode(t2_.to(dev), t1_.to(dev))[: rows.size]
+                emb = model.encode(t2_.to(dev), t1_.to(dev), precision)[: rows.size]
                 out[rows] = emb.float().cpu().numpy()
     return out

@@ -8,9 +8,28 @@ from torch import Tensor, nn
 from tessera_model.backbone import ModalityEncoder
 from tessera_model.errors import SpecError
 from tessera_model.heads import fusion_head
+from tessera_model.int8 import check_precision, quantised_weights
 from tessera_model.spec import ModelSpec
 
 PROJECTOR_PREFIX = "projector."
+CPU_CHUNK_BYTES = 4 << 20
+"""Target size of the largest activation of one CPU forward chunk (tokens x max(3d, FFN)
+float32 values): small enough to stay in cache and in the allocator's reused heap (large
+fresh buffers cost page faults on every call), large enough for efficient GEMMs."""
+CPU_CHUNK_MIN, CPU_CHUNK_MAX = 8, 512
+
+
+def cpu_chunk_rows(spec: ModelSpec, steps: int) -> int:
+    """Pixels per CPU inference chunk for sequences of ``steps`` tokens (a power of two).
+
+    A function of the spec and the sequence length only, never of the batch: every chunk
+    has exactly this many rows (the last one padded), so every pixel goes through GEMMs of
+    the same shapes whatever batch it came in, hence the same float bits.
+    """
+    per_pixel = max(1, steps) * max(3 * spec.d_model, spec.ffn_dim, 4 * spec.d_model) * 4
+    rows = max(1, CPU_CHUNK_BYTES // per_pixel)
+    rows = 1 << (rows.bit_length() - 1)
+    return int(min(CPU_CHUNK_MAX, max(CPU_CHUNK_MIN, rows)))
 
 
 class Projector(nn.Module):
@@ -61,7 +80,7 @@ class TesseraModel(nn.Module):
             else None
         )
 
-    def encode(self, s2: Tensor, s1: Tensor) -> Tensor:
+    def encode(self, s2: Tensor, s1: Tensor, precision: str = "fp32") -> Tensor:
         """Embed pixels.
 
         Args:
@@ -69,9 +88,56 @@ class TesseraModel(nn.Module):
             s1: (B, T1, s1_channels + 1) normalised S1 bands + raw DOY column.
 
         Returns:
+            precision: ``"fp32"`` or ``"int8-dynamic"`` (CPU inference only: the dense
+                layers in int8 with per-row activation scales, :mod:`tessera_model.int8`).
+
+        Returns:
             (B, embed_dim) embeddings: the first ``embed_dim`` of the head's ``latent_dim``
             outputs (all of them except for v1.1, which keeps 128 of 192).
+
+        On CPU without autograd in eval mode the batch runs in chunks of
+        :func:`cpu_chunk_rows` pixels (the last one padded), through the CPU inference forms
+        of the layers (``ModalityEncoder.forward_cpu``).
         """
+        check_precision(precision, s2.device)
+        cpu_infer = not self.training and not torch.is_grad_enabled() and s2.device.type == "cpu"
+        if precision != "fp32" and not cpu_infer:
+            raise SpecError(
+                f"Expected precision {precision!r} only for CPU inference (eval mode, no "
+                "autograd). Got a training or autograd call."
+            )
+        if not cpu_infer:
+            return self._encode(s2, s1)
+        # CPU inference: fixed-size chunks (module constant CPU_CHUNK_BYTES), last one padded
+        n = s2.shape[0]
+        rows = cpu_chunk_rows(self.spec, max(s2.shape[1], s1.shape[1]))
+        padded = -(-n // rows) * rows
+        if padded != n:
+            pad = torch.zeros(padded - n, dtype=torch.long)
+            s2, s1 = torch.cat([s2, s2[pad]]), torch.cat([s1, s1[pad]])
+        ws: dict = {}
+        qw = quantised_weights(self) if precision == "int8-dynamic" else None
+        if padded == rows:
+            return self._encode_cpu(s2, s1, ws, qw)[:n]
+        out = torch.empty(padded, self.spec.embed_dim, dtype=s2.dtype)
+        for start in range(0, padded, rows):
+            out[start : start + rows] = self._encode_cpu(
+                s2[start : start + rows], s1[start : start + rows], ws, qw
+            )
+        return out[:n]
+
+    def _encode_cpu(self, s2: Tensor, s1: Tensor, ws: dict, qw: dict | None) -> Tensor:
+        fused = torch.cat(
+            [
+                self.s2_backbone.forward_cpu(s2, ws, qw, "s2_backbone"),
+                self.s1_backbone.forward_cpu(s1, ws, qw, "s1_backbone"),
+            ],
+            dim=-1,
+        )
+        out = self.dim_reducer(fused)
+        return out if self.spec.embed_dim == self.spec.latent_dim else out[:, : self.spec.embed_dim]
+
+    def _encode(self, s2: Tensor, s1: Tensor) -> Tensor:
         fused = torch.cat([self.s2_backbone(s2), self.s1_backbone(s1)], dim=-1)
         out = self.dim_reducer(fused)
         return out if self.spec.embed_dim == self.spec.latent_dim else out[:, : self.spec.embed_dim]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tessera_model.int8 import QuantisedWeight, linear
+
 
 class GRUCell(nn.Module):
     """One GRU step with the TESSERA parameterisation (see the module docstring).
@@ -46,14 +48,21 @@ class GRUCell(nn.Module):
         h_tilde = torch.tanh(self.W_ih(x) + self.W_hh(r * h) + self.b_h)
         return (1 - z) * h + z * h_tilde
 
-    def scan(self, x: Tensor) -> Tensor:
+    def scan(
+        self, x: Tensor, workspace: dict | None = None, q_in: QuantisedWeight | None = None
+    ) -> Tensor:
         """Run the cell over a sequence from h0 = 0.
 
         The input projections of all T steps are one matmul; the Python loop runs over T
-        only (two small matmuls per step, batched over all pixels).
+        only (two small matmuls per step, batched over all pixels). Without autograd every
+        step writes into buffers allocated once (no allocation per step): the same ops in the
+        same order, so the same values.
 
         Args:
             x: (B, T, D).
+            workspace: buffers by name and shape reused between inference calls (CPU
+                inference only; ``None``: allocate).
+            q_in: int8 form of the stacked input maps (CPU inference, :mod:`tessera_model.int8`).
 
         Returns:
             (B, T, H) hidden states after each step.
@@ -61,9 +70,19 @@ class GRUCell(nn.Module):
         hd = self.hidden_dim
         w_in = torch.cat([self.W_ir.weight, self.W_iz.weight, self.W_ih.weight], dim=0)
         b_in = torch.cat([self.b_r, self.b_z, self.b_h])
-        gi = nn.functional.linear(x, w_in, b_in)  # (B, T, 3H): [r | z | h~] input parts
+        if not torch.is_grad_enabled() and x.device.type == "cpu":  # no fresh (B, T, 3H)
+            ws = {} if workspace is None else workspace
+            key = ("gru_in", (x.shape[0], x.shape[1], 3 * hd))
+            if key not in ws or ws[key].dtype != x.dtype:
+                ws[key] = torch.empty(key[1], dtype=x.dtype, device=x.device)
+            gi = ws[key]
+            linear(x.reshape(-1, x.shape[-1]), w_in, b_in, q_in, gi.view(-1, 3 * hd))
+        else:
+            gi = nn.functional.linear(x, w_in, b_in)  # (B, T, 3H): [r | z | h~] input parts
         w_rz_t = torch.cat([self.W_hr.weight, self.W_hz.weight], dim=0).t()
         w_hh_t = self.W_hh.weight.t()
+        if not torch.is_grad_enabled() and x.device.type == "cpu":
+            return _scan_into_buffers(gi, w_rz_t, w_hh_t, hd, ws)
         # Step 0: h = 0, so every hidden-state matmul vanishes.
         z = torch.sigmoid(gi[:, 0, hd : 2 * hd])
         h = z * torch.tanh(gi[:, 0, 2 * hd :])
@@ -77,6 +96,39 @@ class GRUCell(nn.Module):
         return torch.stack(outs, dim=1)
 
 
+def _scan_into_buffers(gi: Tensor, w_rz_t: Tensor, w_hh_t: Tensor, hd: int, ws: dict) -> Tensor:
+    """The scan of :meth:`GRUCell.scan` writing each step into preallocated buffers.
+
+    The ops of the autograd form, each written with ``out=`` into buffers allocated once
+    (the hidden state of step t is read in place from the output (B, T, H)), except that
+    ``tanh(a)`` is computed as ``2 sigmoid(2a) - 1`` (torch's CPU tanh costs about 8x its
+    sigmoid; the doubling is folded into the ``addmm`` and is exact): the same values to
+    about 1e-7 (``tests/model/test_pooling.py`` holds it to 1e-6).
+    """
+    b, steps = gi.shape[0], gi.shape[1]
+
+    def buf(name: str, *shape: int) -> Tensor:
+        key = (name, shape)
+        if key not in ws or ws[key].dtype != gi.dtype:
+            ws[key] = torch.empty(shape, dtype=gi.dtype, device=gi.device)
+        return ws[key]
+
+    out, rz = buf("gru_out", b, steps, hd), buf("gru_rz", b, 2 * hd)
+    rh, h_tilde = buf("gru_rh", b, hd), buf("gru_ht", b, hd)
+    torch.sigmoid(gi[:, 0, hd : 2 * hd], out=rh)  # z of step 0 (h0 = 0)
+    torch.tanh(gi[:, 0, 2 * hd :], out=h_tilde)
+    torch.mul(rh, h_tilde, out=out[:, 0])
+    for t in range(1, steps):
+        h = out[:, t - 1]
+        torch.addmm(gi[:, t, : 2 * hd], h, w_rz_t, out=rz)
+        rz.sigmoid_()
+        torch.mul(rz[:, :hd], h, out=rh)
+        torch.addmm(gi[:, t, 2 * hd :], rh, w_hh_t, beta=2.0, alpha=2.0, out=h_tilde)
+        h_tilde.sigmoid_().mul_(2.0).sub_(1.0)  # tanh(a) = 2 sigmoid(2a) - 1
+        torch.lerp(h, h_tilde, rz[:, hd:], out=out[:, t])
+    return out
+
+
 class TemporalContext(nn.Module):
     """Wraps :class:`GRUCell` under the key prefix ``temporal_context.gru_cell``."""
 
@@ -84,9 +136,11 @@ class TemporalContext(nn.Module):
         super().__init__()
         self.gru_cell = GRUCell(d_model, d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, workspace: dict | None = None, q_in: QuantisedWeight | None = None
+    ) -> Tensor:
         """x (B, T, D) -> GRU outputs (B, T, D)."""
-        return self.gru_cell.scan(x)
+        return self.gru_cell.scan(x, workspace, q_in)
 
 
 class TemporalAttentionPooling(nn.Module):
@@ -101,18 +155,22 @@ class TemporalAttentionPooling(nn.Module):
         self.query = nn.Linear(d_model, 1)
         self.layer_norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, workspace: dict | None = None, q_in: QuantisedWeight | None = None
+    ) -> Tensor:
         """Pool transformer outputs.
 
         Args:
             x: (B, T, D) transformer outputs.
+            workspace: CPU inference buffers (:meth:`GRUCell.scan`).
+            q_in: int8 GRU input maps (:meth:`GRUCell.scan`).
 
         Returns:
             (B, D) weighted sum over T; for T = 1 the single step itself.
         """
         if x.shape[1] == 1:
             return x[:, 0]
-        context = self.temporal_context(x)
+        context = self.temporal_context(x, workspace, q_in)
         scores = self.query(self.layer_norm(context))  # (B, T, 1)
         # softmax in at least float32 (bf16 autocast), float64 stays float64
         weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=1)
