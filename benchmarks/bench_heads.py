@@ -9,13 +9,20 @@ regression (ridge for height) fitted on k labelled parcels per class:
 - ``raw``: per-band seasonal statistics of the same d-pixels (quarterly S2 medians, S1 means);
 - ``random_init``: the ``small`` encoder with random weights;
 - ``trained``: the ``small`` encoder trained by the factory's training stage on the same
-  tiles' d-pixels for ``--steps`` steps (0: skipped); its CPU time is reported.
+  tiles' d-pixels for at most ``--steps`` steps (0: skipped), with the default validation
+  (one tile held out of the training set, a validation loss every ``--validate-every``
+  steps, a plateau stop after ``--patience`` validations without a 1 % gain; 0: run every
+  step); its CPU time, loss curve and validation curve are reported.
 
 Embeddings are computed at the sampled pixels only (float, not the int8 store: this isolates
 what the encoder learned from quantisation). Run:
 
     python benchmarks/bench_heads.py --tiles 4 --worlds default hard --steps 0
     python benchmarks/bench_heads.py --tiles 4 --worlds hard --steps 600
+
+``--world KEY=VALUE`` sets a synthetic-world knob on top of the preset (e.g.
+``--world edge_mixing=1``); ``--set KEY=VALUE`` a training field (e.g. ``--set
+view_fraction=0.5``).
 """
 
 from __future__ import annotations
@@ -69,9 +76,10 @@ def samples_of(labels, epsg: int) -> Samples:  # noqa: ANN001
 
 
 def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[int],
-              seeds: int) -> dict:
+              seeds: int, knobs: dict | None = None, training: dict | None = None,
+              targets: tuple[str, ...] = ("land_cover", "canopy_height")) -> dict:
     st = StorageConfig(output_uri=str(root / f"out-{world}"), work_uri=str(root / f"work-{world}"))
-    source = SourceConfig(synthetic=SyntheticWorldConfig(difficulty=world))
+    source = SourceConfig(synthetic=SyntheticWorldConfig(difficulty=world, **(knobs or {})))
     t0 = time.perf_counter()
     dps = []
     for t in tiles:
@@ -85,19 +93,38 @@ def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[in
     spec = ModelSpec.preset("small")
     models = {"random_init": random_init_model(spec, 12345)}
     if steps:
-        cfg = TrainingConfig(steps=steps)
+        cfg = TrainingConfig(steps=steps, **(training or {}))
         c0, w0 = time.process_time(), time.perf_counter()
         ts = train.build_training_set(dps, cfg, 0, st)
         losses: list[tuple[int, float]] = []
-        ckpt = train.train_model(ts, ModelConfig(preset="small"), cfg, 0, st,
-                                 progress=lambda p: losses.append((p.step, round(p.loss, 3))))
+        reports: list = []
+
+        def progress(p) -> None:  # noqa: ANN001
+            losses.append((p.step, round(p.loss, 3)))
+            if p.validation_step is not None and (not reports or reports[-1].validation_step
+                                                  != p.validation_step):
+                print(train.progress_description(p), flush=True)
+            reports.append(p)
+
+        ckpt = train.train_model(ts, ModelConfig(preset="small"), cfg, 0, st, progress=progress)
         out["train_cpu_s"] = round(time.process_time() - c0, 1)
         out["train_wall_s"] = round(time.perf_counter() - w0, 1)
         out["loss_curve"] = losses
+        import torch
+
+        meta = torch.load(ckpt.uri, map_location="cpu", weights_only=False)
+        out["steps_done"] = int(meta["step"])
+        out["converged"] = bool(meta.get("converged", False))
+        out["validation_curve"] = [[int(a), round(float(b), 3)] for a, b in meta.get("validation", [])]
+        loss = np.asarray(meta["losses"], np.float64)
+        w = 25  # mean training loss per validation interval
+        out["loss_means"] = [[int(min(i + w, loss.size)), round(float(loss[i:i + w].mean()), 2)]
+                             for i in range(0, loss.size, w)]
+        out["validation_tiles"] = zarr_attrs(ts.uri).get("validation_tiles", [])
         with open(ckpt.uri, "rb") as f:
             models["trained"], _ = load_model(f)
     test_tiles = {t.id for i, t in enumerate(tiles) if i % 2 == 1}
-    for target in ("land_cover", "canopy_height"):
+    for target in targets:
         labels = synthetic_labels(tiles, YEAR, source, target, 1, 20, 0)
         s = samples_of(labels, tiles[0].epsg)
         sets = {"raw": dpixel_features(s, dps, st)}
@@ -119,6 +146,18 @@ def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[in
     return out
 
 
+def zarr_attrs(uri: str) -> dict:
+    import zarr
+
+    return dict(zarr.open_group(uri, mode="r").attrs)
+
+
+def _kv(items: list[str]) -> dict:
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in items)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=4)
@@ -128,9 +167,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--root", default="/tmp/bench-heads")
     ap.add_argument("--json", help="Write the results here.")
+    ap.add_argument("--world", nargs="*", default=[], help="Synthetic-world knobs KEY=VALUE.")
+    ap.add_argument("--set", nargs="*", default=[], help="TrainingConfig fields KEY=VALUE.")
+    ap.add_argument("--targets", nargs="+", default=["land_cover", "canopy_height"])
     a = ap.parse_args()
     tiles = [Tile(zone=31, south=False, x0=X0 + 2560 * i, y0=Y0, size_px=256) for i in range(a.tiles)]
-    results = [run_world(w, tiles, a.steps, Path(a.root), a.ks, a.seeds) for w in a.worlds]
+    results = [run_world(w, tiles, a.steps, Path(a.root), a.ks, a.seeds, _kv(a.world),
+                         _kv(a.set), tuple(a.targets)) for w in a.worlds]
     for r in results:
         print(json.dumps({k: v for k, v in r.items() if k not in ("land_cover", "canopy_height")}))
     if a.json:

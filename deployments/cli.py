@@ -39,6 +39,8 @@ EXIT_BAD_INPUT = 2
 """Exit status for a bad command line, config, storage root, checkpoint or credentials."""
 EXIT_NO_SERVER = 3
 """Exit status when the temporary Prefect server does not start."""
+EXIT_EVALUATION_FAILED = 4
+"""Exit status when a build published but its evaluation failed a gate (evaluation.*)."""
 
 CLI_PREFECT_DEFAULTS = {
     # The temporary server's telemetry heartbeat logs an error every 10 minutes offline.
@@ -193,10 +195,14 @@ def _run_build(cfg, t0: float) -> int:  # noqa: ANN001
 
     from deployments.progress import BuildProgress
     from flows.build import build_region
+    from tasks.heads.evaluate import EvaluationFailed
 
     try:
         with BuildProgress(normalise(cfg.storage.work_uri), [t.id for t in _tile_plan(cfg)]):
             result = build_region(config=cfg)
+    except EvaluationFailed as exc:  # published, but the evaluation's gate failed: its table
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return EXIT_EVALUATION_FAILED
     except RuntimeError as exc:  # a task runner's worker may start its own temporary server
         if "ephemeral Prefect API server" in str(exc):
             raise ServerStartError("a temporary Prefect server (of a task runner's worker) did not "
@@ -211,6 +217,13 @@ def _run_build(cfg, t0: float) -> int:  # noqa: ANN001
     print("  import xarray as xr")
     print(f"  ds = xr.open_zarr({result.store_uri!r}, group={result.groups[0]!r}, consolidated=False)")
     print('  emb = ds["embeddings"] * ds["scales"]  # dequantised, NaN = no data')
+    if result.evaluation is not None:  # evaluation.enabled (the demo): table and map preview
+        ev = result.evaluation
+        print()
+        print(ev.table)
+        print(f"Report: {ev.uri}")
+        if ev.map_png:
+            print(f"Predicted map preview: {ev.map_png}")
     return 0
 
 

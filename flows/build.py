@@ -26,6 +26,7 @@ from flows.runs import claim_current_run, crash_dead_runs
 from tasks import prefect_tasks as pt
 from tasks.config import BuildConfig, RunnerConfig
 from tasks.grid import Tile, plan_tiles
+from tasks.heads.stages import EvaluationRef
 from tasks.preflight import preflight
 from tasks.preview import preview_markdown
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef, MaskRef, PublishRef, SceneRef
@@ -43,6 +44,8 @@ class BuildResult(BaseModel):
     model_version: str
     n_valid_pixels: int
     seconds: float
+    evaluation: EvaluationRef | None = Field(
+        default=None, description="The evaluation step's result (evaluation.enabled).")
 
 
 def plan(config: BuildConfig) -> list[Tile]:
@@ -184,9 +187,10 @@ def build_stages(config: BuildConfig) -> BuildResult:
         create_markdown_artifact(markdown=preview_markdown(pv.png_uri, st, f"{g} {cfg.year}"),
                                  key=f"preview-{g}", description=f"PCA RGB quicklook of {g} {cfg.year}")
     log.info("catalogue: %d tile(s), %s", cat.result().n_tiles, cat.result().manifest_uri)
+    evaluation = None
     if cfg.evaluation.enabled:  # label-efficiency report + predicted map (flows/heads.py)
         apply_torch_threads(train_threads)  # runs alone, in this thread
-        run_evaluation(cfg, dps, ckpt)
+        evaluation = run_evaluation(cfg, dps, ckpt)
 
     rows = _tile_rows(scenes, masks, dps, embs, pubs)
     create_table_artifact(table=rows, key="build-tiles",
@@ -195,7 +199,7 @@ def build_stages(config: BuildConfig) -> BuildResult:
     result = BuildResult(
         store_uri=store, groups=groups, tiles=[t.id for t in tiles],
         model_version=ckpt.model_version, n_valid_pixels=sum(e.n_valid for e in embs),
-        seconds=round(time.perf_counter() - t0, 2),
+        seconds=round(time.perf_counter() - t0, 2), evaluation=evaluation,
     )
     log.info("published %d pixels to %s (groups %s) in %.1f s", result.n_valid_pixels, store,
              ", ".join(groups), result.seconds)

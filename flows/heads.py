@@ -69,10 +69,19 @@ def run_evaluation(cfg: BuildConfig, dps: list[DPixelRef], ckpt: CheckpointRef) 
     if ref.map_uri:
         log.info("predicted map: %s (preview %s)", ref.map_uri, ref.map_png)
     if not ref.passed and ev.fail_build:
-        raise EvaluationFailed("Expected the evaluation to pass its gates. Got: "
-                               + "; ".join(c for c in ref.checks if c.startswith("FAIL"))
-                               + f" (report: {ref.uri})")
+        raise EvaluationFailed(failure_message(ref))
     return ref
+
+
+def failure_message(ref: stages.EvaluationRef) -> str:
+    """What a failed gate says: the failed checks and the report's folder on the first line,
+    then the table and the predicted map's preview (the command line prints it all)."""
+    first = ("Expected the evaluation to pass its gates. Got: "
+             + "; ".join(c for c in ref.checks if c.startswith("FAIL")) + f" (report: {ref.uri})")
+    more = [ref.table] if ref.table else []
+    if ref.map_png:
+        more.append(f"Predicted map preview: {ref.map_png}")
+    return "\n\n".join([first, *more])
 
 
 @flow(name="evaluate", validate_parameters=True,

@@ -371,7 +371,27 @@ class TrainingConfig(_Model):
         description="Existing checkpoint (ours or the official TESSERA format) to embed with: "
         "a local path, s3://, http(s):// or hf://OWNER/REPO/PATH[@REVISION] (Hugging Face Hub).",
     )
-    steps: int = Field(default=150, ge=1, le=10_000_000, description="Optimiser steps.")
+    steps: int = Field(
+        default=150, ge=1, le=10_000_000,
+        description="Optimiser steps at most (the LR schedule spans them); with validation "
+        "and patience > 0 training ends sooner, once the validation loss has flattened.")
+    validation_tiles: int = Field(
+        default=1, ge=0, le=100_000,
+        description="Tiles held out of the training set; the loss on their pixels is the "
+        "validation loss (at most all tiles but one; 0 or a one-tile build: no validation).")
+    validation_pixels: int = Field(
+        default=2048, ge=16, le=1_000_000,
+        description="Pixels of the held-out tiles in the validation set.")
+    validate_every: int = Field(
+        default=25, ge=1, le=1_000_000,
+        description="Steps between validation losses (also at the last step).")
+    patience: int = Field(
+        default=4, ge=0, le=1000,
+        description="Stop once this many validations in a row did not lower the best "
+        "validation loss by min_delta (the loss has flattened); 0: always run every step.")
+    min_delta: float = Field(
+        default=0.01, ge=0.0, le=1.0,
+        description="Relative decrease of the best validation loss that counts as progress.")
     batch_size: int = Field(default=256, ge=4, le=1_048_576, description="Global batch size.")
     learning_rate: float = Field(default=2e-3, gt=0, le=1.0, description="Peak learning rate.")
     pixels_per_tile: int = Field(

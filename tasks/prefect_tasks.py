@@ -173,8 +173,10 @@ def train_task(training_set, model, cfg, seed, storage, threads=0):  # noqa: ANN
 
     def progress(p: train.TrainProgress) -> None:
         left = "?" if p.seconds_left is None else f"{p.seconds_left:.0f}"
-        log.info("training step %d/%d, loss %.4f, about %s s left", p.step, p.steps, p.loss, left)
-        update_progress_artifact(art, progress=100.0 * p.fraction)
+        log.info("training step %d/%d, loss %.4f, about %s s left%s", p.step, p.steps, p.loss,
+                 left, train.validation_text(p))
+        update_progress_artifact(art, progress=100.0 if p.converged else 100.0 * p.fraction,
+                                 description=train.progress_description(p))
 
     with held_slot(GPU_LIMIT):
         return train.train_model(training_set, model, cfg, seed, storage, progress=progress)

@@ -4,7 +4,9 @@ The training-set builder samples pixels with enough valid S2 observations from e
 (each tile contributes up to ``pixels_per_tile``), pads their time series to a common length
 with a validity mask and a per-pixel day of year, and shuffles them across tiles into
 sharded Zarr groups (TESSERA's global shuffling), so a batch never comes from one
-neighbourhood. The trainer streams the shards (two in memory at most) and fits the network
+neighbourhood. ``validation_tiles`` whole tiles are held out of it: a sample of their pixels
+is the validation set, whose loss is measured every ``validate_every`` steps and ends the
+run once it has flattened (``patience``, ``min_delta``; ``steps`` is the cap). The trainer streams the shards (two in memory at most) and fits the network
 with Barlow Twins plus the mix regulariser, in one process or data parallel under torchrun,
 and writes a checkpoint carrying its model spec; a re-run with the same inputs resumes from
 the last checkpoint.
@@ -78,7 +80,7 @@ log = logging.getLogger("tasks.train")
 
 
 def _tile_samples(dp: DPixelRef, cfg: TrainingConfig, seed: int, storage: StorageConfig,
-                  t2: int, t1: int) -> dict[str, np.ndarray]:
+                  t2: int, t1: int, n_pick: int | None = None) -> dict[str, np.ndarray]:
     """Pick eligible pixels of one tile and gather their padded series."""
     g = zarr.open_group(zarr_store(dp.uri, storage, read_only=True), mode="r")
     masks = g["masks"][:] > 0                      # (T, H, W)
@@ -87,7 +89,8 @@ def _tile_samples(dp: DPixelRef, cfg: TrainingConfig, seed: int, storage: Storag
     ok = (masks.sum(0) >= cfg.min_valid_s2) & (s1_any >= 1)
     flat = np.flatnonzero(ok.ravel())
     rng = np.random.default_rng([seed, zlib.crc32(dp.tile.id.encode())])
-    pick = np.sort(rng.choice(flat, size=min(cfg.pixels_per_tile, flat.size), replace=False))
+    want = cfg.pixels_per_tile if n_pick is None else n_pick
+    pick = np.sort(rng.choice(flat, size=min(want, flat.size), replace=False))
     yy, xx = np.unravel_index(pick, ok.shape)
     n = pick.size
     out = {
@@ -111,8 +114,19 @@ def _tile_samples(dp: DPixelRef, cfg: TrainingConfig, seed: int, storage: Storag
 
 
 def _tile_arrays(dp: DPixelRef, cfg: TrainingConfig, seed: int, storage: StorageConfig,
-                 t2: int, t1: int) -> TrainingArrays:
-    return TrainingArrays(**_tile_samples(dp, cfg, seed, storage, t2, t1))
+                 t2: int, t1: int, n_pick: int | None = None) -> TrainingArrays:
+    return TrainingArrays(**_tile_samples(dp, cfg, seed, storage, t2, t1, n_pick))
+
+
+def validation_tiles(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int) -> list[DPixelRef]:
+    """The tiles held out of the training set for validation: ``cfg.validation_tiles`` of
+    them (at most all but one; none for a one-tile build), chosen by a seeded hash of the
+    tile id (the same tiles whatever the order of ``dpixels``)."""
+    n = min(cfg.validation_tiles, len(dpixels) - 1)
+    if n <= 0:
+        return []
+    ranked = sorted(dpixels, key=lambda d: (zlib.crc32(f"{seed}:{d.tile.id}".encode()), d.tile.id))
+    return sorted(ranked[:n], key=lambda d: d.tile.id)
 
 
 def _n_shards(dpixels: list[DPixelRef], cfg: TrainingConfig) -> int:
@@ -132,10 +146,15 @@ def build_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int,
     trainer streams the shards (:class:`ZarrShards`).
 
     Layout: ``<work>/training/<key>.zarr/shards/<00000..>/{s2, s2_doy, s2_valid, s1,
-    s1_doy, s1_valid}`` with the shapes of :class:`tessera_model.TrainingArrays`.
+    s1_doy, s1_valid}`` with the shapes of :class:`tessera_model.TrainingArrays`. The tiles
+    of :func:`validation_tiles` are not in the shards: up to ``cfg.validation_pixels`` of
+    their pixels (shared equally, shuffled) are in ``validation/`` (same arrays), and the
+    root attributes name them (``validation_tiles``, ``validation_size``).
     """
     key = content_key("trainset", code_version(*CODE), sorted(d.key for d in dpixels),
-                      cfg.pixels_per_tile, cfg.min_valid_s2, cfg.shard_pixels, seed)
+                      cfg.pixels_per_tile, cfg.min_valid_s2, cfg.shard_pixels, seed,
+                      [d.tile.id for d in validation_tiles(dpixels, cfg, seed)],
+                      cfg.validation_pixels)
     uri = join(normalise(storage.work_uri), "training", f"{key}.zarr")
     return commit_stage(uri, storage, TrainingSetRef,
                         lambda: _write_training_set(dpixels, cfg, seed, storage, uri, key))
@@ -145,11 +164,27 @@ def _write_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int
                         storage: StorageConfig, uri: str, key: str) -> TrainingSetRef:
     t2 = max(d.n_s2 for d in dpixels)
     t1 = max(d.n_s1_ascending + d.n_s1_descending for d in dpixels)
-    n_buckets = _n_shards(dpixels, cfg)
+    held = validation_tiles(dpixels, cfg, seed)
+    held_ids = {d.tile.id for d in held}
+    train_dps = [d for d in dpixels if d.tile.id not in held_ids]
+    n_buckets = _n_shards(train_dps, cfg)
     root = zarr.open_group(zarr_store(uri, storage), mode="w")
+    n_val = 0
+    if held:
+        per_tile = -(-cfg.validation_pixels // len(held))
+        parts = [_tile_arrays(dp, cfg, seed, storage, t2, t1, per_tile) for dp in held]
+        val = concat_arrays(parts)
+        val = val.take(np.random.default_rng([seed, 3]).permutation(val.n_pixels)
+                       [: cfg.validation_pixels])
+        vg = root.create_group("validation")
+        for k in _FIELDS:
+            arr = getattr(val, k)
+            vg.create_array(k, data=arr, chunks=(max(1, min(arr.shape[0], _SHARD_CHUNK)),)
+                            + arr.shape[1:])
+        n_val = val.n_pixels
     staging = root.create_group("staging")
     buckets: dict[int, zarr.Group] = {}
-    for dp in sorted(dpixels, key=lambda d: d.tile.id):
+    for dp in sorted(train_dps, key=lambda d: d.tile.id):
         check_stop("the training set")
         arrays = _tile_arrays(dp, cfg, seed, storage, t2, t1)
         rng = np.random.default_rng([seed, zlib.crc32(dp.tile.id.encode()), 1])
@@ -182,7 +217,8 @@ def _write_training_set(dpixels: list[DPixelRef], cfg: TrainingConfig, seed: int
             f"Expected pixels with at least training.min_valid_s2={cfg.min_valid_s2} valid S2 "
             "observations. Got none in any tile."
         )
-    root.attrs.update({"format": TRAINSET_FORMAT, "shard_sizes": sizes, "seed": seed})
+    root.attrs.update({"format": TRAINSET_FORMAT, "shard_sizes": sizes, "seed": seed,
+                       "validation_tiles": sorted(held_ids), "validation_size": n_val})
     return TrainingSetRef(uri=uri, key=key, n_pixels=n_total, n_tiles=len(dpixels))
 
 
@@ -211,6 +247,13 @@ class ZarrShards:
         g = self._group["shards"][f"{index:05d}"]
         return TrainingArrays(**{k: g[k][:] for k in _FIELDS})  # type: ignore[index]
 
+    def validation(self) -> TrainingArrays | None:
+        """The held-out tiles' pixels (``validation/``), or None when there are none."""
+        if not int(self._group.attrs.get("validation_size", 0) or 0):  # type: ignore[arg-type]
+            return None
+        g = self._group["validation"]
+        return TrainingArrays(**{k: g[k][:] for k in _FIELDS})  # type: ignore[index]
+
 
 def load_training_set(ts: TrainingSetRef, storage: StorageConfig) -> TrainingArrays:
     """All pixels of a training set in memory (small sets and tests; training streams)."""
@@ -223,6 +266,8 @@ def _settings(model: ModelConfig, cfg: TrainingConfig, seed: int) -> tuple[Model
     settings = TrainSettings(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
         checkpoint_every=cfg.checkpoint_every, seed=seed, device=cfg.device,
+        validate_every=cfg.validate_every if cfg.validation_tiles else 0,
+        patience=cfg.patience if cfg.validation_tiles else 0, min_delta=cfg.min_delta,
     )
     return spec, settings
 
@@ -233,8 +278,17 @@ class TrainProgress(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     step: int = Field(description="Optimiser steps done (resumed ones included).")
-    steps: int = Field(description="Steps of the whole run.")
+    steps: int = Field(description="Steps of the whole run (the cap when a plateau stop may "
+                       "end it sooner).")
     loss: float = Field(description="Loss of the last step.")
+    validation_loss: float | None = Field(
+        default=None, description="The latest loss on the held-out tiles' pixels (None "
+        "before the first validation or without validation).")
+    validation_step: int | None = Field(default=None, description="Step of validation_loss.")
+    best_validation_loss: float | None = Field(default=None,
+                                               description="Lowest validation loss so far.")
+    converged: bool = Field(default=False, description="The validation loss has flattened: "
+                            "training ends at this step.")
     seconds: float = Field(description="Seconds since this call started training.")
     seconds_left: float | None = Field(
         description="Estimated seconds to the last step, from this call's pace (None before "
@@ -252,8 +306,25 @@ ProgressFn = Callable[[TrainProgress], None]
 def log_progress(p: TrainProgress) -> None:
     """The default progress report: one line on the ``tasks.train`` logger."""
     left = "?" if p.seconds_left is None else f"{p.seconds_left:.0f} s"
-    log.info("training step %d/%d (%.0f%%), loss %.4f, %.0f s elapsed, about %s left",
-             p.step, p.steps, 100 * p.fraction, p.loss, p.seconds, left)
+    log.info("training step %d/%d (%.0f%%), loss %.4f, %.0f s elapsed, about %s left%s",
+             p.step, p.steps, 100 * p.fraction, p.loss, p.seconds, left, validation_text(p))
+
+
+def progress_description(p: TrainProgress) -> str:
+    """The training-progress artifact's description: steps, loss, validation."""
+    out = f"Training step {p.step} of at most {p.steps}, loss {p.loss:.4f}"
+    if p.validation_loss is not None:
+        out += (f"; validation loss (held-out tiles) {p.validation_loss:.4f} at step "
+                f"{p.validation_step}, best {p.best_validation_loss:.4f}")
+    return out + ("; flattened: stopped" if p.converged else "")
+
+
+def validation_text(p: TrainProgress) -> str:
+    """``", validation loss X (best Y)"`` and ``"; flattened: stopping"``, or ``""``."""
+    if p.validation_loss is None:
+        return ""
+    out = f", validation loss {p.validation_loss:.4f} (best {p.best_validation_loss:.4f})"
+    return out + ("; flattened: stopping" if p.converged else "")
 
 
 class _Reporter:
@@ -263,28 +334,50 @@ class _Reporter:
     least every ``PROGRESS_EVERY_S`` seconds.
     """
 
-    def __init__(self, steps: int, report: ProgressFn) -> None:
+    def __init__(self, steps: int, report: ProgressFn, patience: int = 0,
+                 min_delta: float = 0.0) -> None:
         self._steps, self._report = steps, report
+        self._patience, self._min_delta = patience, min_delta
         self._every = max(1, steps // 10)
         self._t0 = time.monotonic()
         self._first: int | None = None
         self._last_t = 0.0
+        self._loss = float("nan")
+        self._val: list[tuple[int, float]] = []
+
+    def validated(self, step: int, loss: float) -> None:
+        """``on_validation`` of :func:`tessera_model.fit`: reported at once."""
+        self._val.append((step, float(loss)))
+        self._emit(step, self._loss, time.monotonic())
 
     def __call__(self, step: int, loss: float, lr: float = 0.0) -> None:
         now = time.monotonic()
+        self._loss = float(loss)
         if self._first is None:
             self._first = step - 1
         due = (step == self._first + 1 or step == self._steps or step % self._every == 0
                or now - self._last_t >= PROGRESS_EVERY_S)
         if not due:
             return
+        self._emit(step, loss, now)
+
+    def _emit(self, step: int, loss: float, now: float) -> None:
+        from tessera_model.train import best_validation, plateaued
+
+        if self._first is None:
+            self._first = step - 1
         self._last_t = now
         elapsed = now - self._t0
         done = step - self._first
         left = elapsed / done * (self._steps - step) if done > 0 else None
+        last = self._val[-1] if self._val else (None, None)
         self._report(TrainProgress(step=step, steps=self._steps, loss=float(loss),
                                    seconds=round(elapsed, 1),
-                                   seconds_left=None if left is None else round(left, 1)))
+                                   seconds_left=None if left is None else round(left, 1),
+                                   validation_step=last[0], validation_loss=last[1],
+                                   best_validation_loss=best_validation(self._val)[1],
+                                   converged=plateaued(self._val, self._patience,
+                                                       self._min_delta)))
 
 
 def fit_training_set(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig, seed: int,
@@ -298,9 +391,13 @@ def fit_training_set(ts: TrainingSetRef, model: ModelConfig, cfg: TrainingConfig
     (:func:`tasks.stop.stop_requested`).
     """
     spec, settings = _settings(model, cfg, seed)
-    log_fn = _Reporter(settings.steps, progress) if progress is not None else None
-    return fit(spec, ZarrShards(ts, storage), settings, checkpoint_path, resume=True,
-               log_fn=log_fn, should_stop=stop_requested, on_checkpoint=on_checkpoint)
+    shards = ZarrShards(ts, storage)
+    reporter = (_Reporter(settings.steps, progress, settings.patience, settings.min_delta)
+                if progress is not None else None)
+    return fit(spec, shards, settings, checkpoint_path, resume=True,
+               log_fn=reporter, should_stop=stop_requested, on_checkpoint=on_checkpoint,
+               validation=shards.validation() if settings.validate_every else None,
+               on_validation=None if reporter is None else reporter.validated)
 
 
 def _scratch_dir(root: str, key: str) -> Path:

@@ -27,7 +27,7 @@ from tasks.heads.samples import Samples
 from tasks.stop import check_stop
 
 __all__ = ["EvaluationFailed", "EvaluationReport", "Gates", "confusion_png", "curves_png",
-           "label_efficiency", "report_markdown"]
+           "label_efficiency", "report_markdown", "summary_table"]
 
 KS = (1, 2, 5, 10, 20, 50, 100)
 """Labelled polygons per class of the label-efficiency curve."""
@@ -237,6 +237,33 @@ def report_markdown(rep: EvaluationReport) -> str:
         lines += ["", f"Dropped (too few polygons): {', '.join(rep.dropped_classes)}"]
     if rep.checks:
         lines += ["", *[f"- {c}" for c in rep.checks]]
+    return "\n".join(lines)
+
+
+_TITLES = {"embeddings": "trained", "raw": "raw baseline", "random_init": "random-init"}
+
+
+def summary_table(rep: EvaluationReport, title: str = "Evaluation") -> str:
+    """The report as a plain-text table for a terminal: one row per k, one column per feature
+    set (``embeddings`` shown as "trained"), mean ± std of the headline metric, then the
+    gates' checks."""
+    names = list(dict.fromkeys(str(r["features"]) for r in rep.rows))
+    heads = [_TITLES.get(n, n) for n in names]
+    width = max(15, *(len(h) + 2 for h in heads))
+    lines = [f"{title}: {rep.score} on held-out blocks ({rep.n_test_samples} pixels of "
+             f"{rep.n_test_polygons} polygons), {rep.head} head fitted on k labelled polygons "
+             f"per class, mean ± std over {rep.seeds} seeds",
+             "  k    " + "".join(h.ljust(width) for h in heads)]
+    for k in rep.ks:
+        cells = []
+        for n in names:
+            r = next(r for r in rep.rows if r["features"] == n and r["k"] == k)
+            cells.append(f"{r[f'{rep.score}_mean']:.3f} ± {r[f'{rep.score}_std']:.3f}"
+                         .ljust(width))
+        lines.append(f"  {k:<5}" + "".join(cells))
+    if rep.dropped_classes:
+        lines.append(f"  dropped (too few polygons): {', '.join(rep.dropped_classes)}")
+    lines += [f"  gate {c}" for c in rep.checks]
     return "\n".join(lines)
 
 

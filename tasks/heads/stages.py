@@ -35,6 +35,7 @@ from tasks.heads.evaluate import (
     curves_png,
     label_efficiency,
     report_markdown,
+    summary_table,
 )
 from tasks.heads.labels import LabelSet, check_counts, labels_from_arrays, read_labels
 from tasks.heads.models import (
@@ -86,6 +87,7 @@ class EvaluationRef(BaseModel):
     passed: bool
     checks: list[str] = Field(default_factory=list)
     markdown: str = Field(description="The report as a Markdown table.")
+    table: str = Field(default="", description="The report as a plain-text table (terminal).")
     curves_png: str
     confusion_png: str | None = None
     head_uri: str | None = None
@@ -264,6 +266,7 @@ def _evaluate(dps: Sequence[DPixelRef], ckpt: CheckpointRef, year: int, cfg: Eva
         write_bytes_atomic(map_png, map_preview_png(map_uri, mref.groups[0], storage), storage)
     return EvaluationRef(
         uri=uri, key=key, passed=rep.passed, checks=rep.checks, markdown=report_markdown(rep),
+        table=summary_table(rep, f"Evaluation ({cfg.labels})"),
         curves_png=join(uri, "curves.png"),
         confusion_png=join(uri, "confusion.png") if rep.confusion else None,
         head_uri=head_uri, map_uri=map_uri, map_png=map_png, classes=list(samples.classes),

@@ -142,6 +142,8 @@ HARD_PRESET: dict[str, Any] = {
     "cloud_cover_scale": 1.35,
     "overcast_spell_probability": 0.25,
     "height_signal": 1.0,
+    "canopy_density_spread": 0.3,
+    "edge_mixing": 1.0,
     "fire_probability": 0.12,
 }
 """Knob values of ``difficulty: hard`` (docs/synthetic-earth.md, "A harder world"); a knob
@@ -161,7 +163,8 @@ class SyntheticWorldConfig(BaseModel):
         "default",
         description="Preset: 'default' (the original world) or 'hard' (timing-only classes, "
         "large within-class variation, regional climate shift, cloudier and irregular years, "
-        "canopy height visible in the signal, frequent fires); explicit knobs win.",
+        "canopy height visible in the signal but confounded by stand density, mixed pixels "
+        "at parcel edges, frequent fires); explicit knobs win.",
     )
     timing_classes: bool = Field(
         False,
@@ -194,6 +197,20 @@ class SyntheticWorldConfig(BaseModel):
         0.0, ge=0.0, le=3.0,
         description="How strongly forest canopy height shows in the signal (S1 volume "
         "scattering and attenuation, S2 canopy shadowing and texture); 0: not at all.",
+    )
+    canopy_density_spread: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Per-parcel forest canopy density, uniform in 1 +- this, independent of "
+        "height: it scales the same S1 volume and S2 shading terms as height, so brightness "
+        "alone cannot tell a tall open stand from a short dense one; with it, height shows "
+        "through saturating C-band volume scattering and the leaf-off (winter) vs leaf-on "
+        "contrast instead of linearly; 0: off.",
+    )
+    edge_mixing: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Mixed pixels at parcel edges: a pixel whose 10 m footprint crosses the "
+        "boundary to the neighbouring parcel takes that parcel's vegetation in proportion "
+        "(times this); 0: every pixel is pure.",
     )
 
     @model_validator(mode="before")
@@ -328,6 +345,8 @@ class _Land:
     base_class: np.ndarray  # (n,) class, with arable parcels marked -1
     vigour: np.ndarray  # (H, W) float32 within-parcel multiplicative vegetation variation
     texture: np.ndarray  # (H, W) float32 in [-1, 1], static small-scale texture
+    inv2: np.ndarray | None = None  # (H, W) neighbouring parcel across the nearest edge
+    wmix: np.ndarray | None = None  # (H, W) float32 share of the footprint in inv2 (0..0.5)
 
 
 @dataclass(frozen=True)
@@ -436,6 +455,14 @@ class SyntheticSource:
         hp = uniform(hash_keys(cfg.seed, land.zkey, tag("height"), land.cell_x, land.cell_y))
         return np.where(cls == EVERGREEN, 10.0 + 25.0 * hp, 14.0 + 18.0 * hp)
 
+    def _density(self, land: _Land, cls: np.ndarray) -> np.ndarray:
+        """Per-parcel forest canopy density, 1 +- canopy_density_spread (1 off forest)."""
+        cfg = self.config
+        u = uniform(hash_keys(cfg.seed, land.zkey, tag("canopy-density"), land.cell_x,
+                              land.cell_y))
+        rho = 1.0 + cfg.canopy_density_spread * (2.0 * u - 1.0)
+        return np.where(np.isin(cls, _FORESTS), rho, 1.0).astype(np.float32)
+
     def _height_norm(self, land: _Land, cls: np.ndarray) -> np.ndarray:
         """Per-parcel forest height mapped to about [-1, 1] ((h - 22 m) / 12 m), 0 off forest."""
         h = self._forest_height(land, cls)
@@ -493,17 +520,40 @@ class SyntheticSource:
         best = np.full((y.size, x.size), np.inf)
         bx = np.zeros((y.size, x.size), np.int64)
         by = np.zeros((y.size, x.size), np.int64)
+        mix = cfg.edge_mixing > 0
+        if mix:  # also the second-nearest seed: the parcel across the nearest edge
+            second = np.full((y.size, x.size), np.inf)
+            b2x = np.zeros((y.size, x.size), np.int64)
+            b2y = np.zeros((y.size, x.size), np.int64)
         for dy in (-1, 0, 1):
             iy = cy + dy - ly[0]
             for dx in (-1, 0, 1):
                 ix = cx + dx - lx[0]
                 d2 = (sx[np.ix_(iy, ix)] - x[None, :]) ** 2 + (sy[np.ix_(iy, ix)] - y[:, None]) ** 2
                 closer = d2 < best
+                if mix:
+                    nxt = ~closer & (d2 < second)
+                    second = np.where(closer, best, np.where(nxt, d2, second))
+                    b2x = np.where(closer, bx, np.where(nxt, (cx + dx)[None, :], b2x))
+                    b2y = np.where(closer, by, np.where(nxt, (cy + dy)[:, None], b2y))
                 best = np.where(closer, d2, best)
                 bx = np.where(closer, (cx + dx)[None, :], bx)
                 by = np.where(closer, (cy + dy)[:, None], by)
         code = (by - ly[0]) * (lx.size + 1) + (bx - lx[0])
-        uniq, inv = np.unique(code, return_inverse=True)
+        inv2 = wmix = None
+        if mix:
+            code2 = (b2y - ly[0]) * (lx.size + 1) + (b2x - lx[0])
+            uniq, inv_all = np.unique(np.concatenate([code.ravel(), code2.ravel()]),
+                                      return_inverse=True)
+            inv, inv2 = inv_all[: code.size], inv_all[code.size :].reshape(y.size, x.size)
+            ax, ay = self._parcel_seeds(zk, bx, by)
+            qx, qy = self._parcel_seeds(zk, b2x, b2y)
+            gap = np.maximum(np.hypot(ax - qx, ay - qy), 1e-6)
+            edge_dist = (second - best) / (2.0 * gap)  # pixel centre to the Voronoi boundary, m
+            wmix = (cfg.edge_mixing * np.clip(0.5 - edge_dist / PIXEL_M, 0.0, 0.5)).astype(
+                np.float32)
+        else:
+            uniq, inv = np.unique(code, return_inverse=True)
         cell_y = uniq // (lx.size + 1) + ly[0]
         cell_x = uniq % (lx.size + 1) + lx[0]
         # classes clustered by low-frequency noise evaluated at the parcel seed
@@ -546,6 +596,8 @@ class SyntheticSource:
             base_class=base,
             vigour=vigour.astype(np.float32),
             texture=texture.astype(np.float32),
+            inv2=inv2,
+            wmix=wmix,
         )
 
     def _parcel_seeds(
@@ -715,9 +767,16 @@ class SyntheticSource:
         green_p, dry_p, burn_p, cls_p = self._phenology(land, ds)
         inv = land.inv
         cls = cls_p[inv]
-        green = np.clip(green_p.astype(np.float32)[inv] * land.vigour, 0.0, 1.0)
-        dry = np.clip(dry_p.astype(np.float32)[inv], 0.0, 1.0 - green)
-        burn = burn_p.astype(np.float32)[inv]
+
+        def px(v: np.ndarray) -> np.ndarray:  # per parcel -> per pixel (edges mixed)
+            v = v.astype(np.float32)
+            if land.wmix is None:
+                return v[inv]
+            return (1.0 - land.wmix) * v[inv] + land.wmix * v[land.inv2]
+
+        green = np.clip(px(green_p) * land.vigour, 0.0, 1.0)
+        dry = np.clip(px(dry_p), 0.0, 1.0 - green)
+        burn = px(burn_p)
         moist = self._moisture(land, d, sd)
         out = {
             "cls": cls,
@@ -729,6 +788,13 @@ class SyntheticSource:
         }
         if self.config.height_signal > 0:
             out["height"] = self._height_norm(land, cls_p)[inv] * np.float32(self.config.height_signal)
+            if self.config.canopy_density_spread > 0:
+                rho = self._density(land, cls_p)[inv]
+                out["density"] = rho
+                out["green"] = np.clip(out["green"] * rho, 0.0, 1.0)  # denser: more leaf cover
+                out["dry"] = np.minimum(out["dry"], 1.0 - out["green"])
+                # C band saturates with height (the density terms are in _s1_date, _s2_date)
+                out["height"] = (np.tanh(1.5 * out["height"]) / np.tanh(1.5)).astype(np.float32)
         return out
 
     def _s2_date(
@@ -765,7 +831,7 @@ class SyntheticSource:
             + _EM["dry_vegetation"] * dry[..., None]
         )
         if "height" in s:  # taller, rougher canopies: more shadow, more texture (forests)
-            hs = s["height"]
+            hs = s["height"] * s["density"] if "density" in s else s["height"]
             refl *= (1.0 - 0.12 * hs * (1.0 - burn) + 0.10 * (hs + np.abs(hs)) * land.texture)[..., None]
         refl += (burn[..., None] * (_EM["char"] - refl)).astype(np.float32)
         # snow (high latitude, winter, regional events; visible less through forest canopy)
@@ -863,7 +929,7 @@ class SyntheticSource:
         key = (cfg.seed, zk, d, okey)
         woody = np.where(np.isin(cls, _FORESTS), np.float32(0.55), np.float32(0.0))
         if "height" in s:  # taller forest: more woody volume (more attenuation of the ground)
-            woody = woody + np.float32(0.2) * s["height"]
+            woody = woody + np.float32(0.2) * s["height"] * s.get("density", np.float32(1.0))
         vol = np.clip(green + dry + woody, 0.0, 1.0) * (1.0 - burn)
         att = np.exp(np.float32(-2.2) * vol)
         rough = (
@@ -879,6 +945,9 @@ class SyntheticSource:
         if "height" in s:  # volume scattering grows with canopy height (C band, below saturation)
             vv_db_vol = vv_db_vol + np.float32(1.5) * s["height"]
             vh_db_vol = vh_db_vol + np.float32(2.5) * s["height"]
+            if "density" in s:  # ... and with stand density, whatever the height
+                vv_db_vol = vv_db_vol + np.float32(2.0) * (s["density"] - 1.0)
+                vh_db_vol = vh_db_vol + np.float32(3.0) * (s["density"] - 1.0)
         vv = _lin(vv_db_vol) * (1.0 - att) + _lin(soil_vv) * att
         vh = _lin(vh_db_vol) * (1.0 - att) + _lin(soil_vv - 9.0) * att
         # water: specular, roughened by regional wind

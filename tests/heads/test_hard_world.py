@@ -49,3 +49,52 @@ def test_canopy_height_shows_in_radar_only_when_asked(world: str, lo: float, hi:
     h_p = np.bincount(inv, gt.canopy_height[m]) / n
     r = np.corrcoef(vh_p[n > 50], h_p[n > 50])[0, 1]
     assert lo < r < hi, r
+
+
+def test_edge_mixing_mixes_only_pixels_that_straddle_a_parcel_edge() -> None:
+    pure = SyntheticSource(SyntheticWorldConfig(difficulty="hard", edge_mixing=0.0))
+    mixed = SyntheticSource(SyntheticWorldConfig(difficulty="hard", edge_mixing=1.0))
+    lp, lm = pure._land(TILE), mixed._land(TILE)
+    assert lp.wmix is None and lm.wmix is not None
+    w = lm.wmix
+    assert 0.0 <= w.min() and w.max() <= 0.5
+    share = (w > 0).mean()
+    assert 0.03 < share < 0.4, share  # a thin band along the parcel borders
+    # the same parcels; the mixing partner is always another parcel
+    ids_p = lp.cell_x[lp.inv] * 10**7 + lp.cell_y[lp.inv]
+    ids_m = lm.cell_x[lm.inv] * 10**7 + lm.cell_y[lm.inv]
+    assert np.array_equal(ids_p, ids_m)
+    edge = w > 0
+    assert (lm.inv2[edge] != lm.inv[edge]).all()
+    day = int(np.datetime64("2024-06-20", "D").astype(np.int64))
+    gp, gm = pure._surface(lp, day)["green"], mixed._surface(lm, day)["green"]
+    assert np.array_equal(gp[~edge], gm[~edge])  # interior pixels are untouched
+    assert not np.allclose(gp[edge], gm[edge])
+    assert mixed.ground_truth(TILE, 2024).land_cover.tolist() == \
+        pure.ground_truth(TILE, 2024).land_cover.tolist()  # labels stay the parcel's class
+
+
+def test_canopy_density_shows_in_radar_beside_height() -> None:
+    """Stand density moves summer VH whatever the height: VH's residual after height tracks it."""
+    def resid_corr(spread: float) -> float:
+        src = SyntheticSource(SyntheticWorldConfig(difficulty="hard", s1_looks=0,
+                                                   canopy_density_spread=spread))
+        gt, land = src.ground_truth(TILE, 2024), src._land(TILE)
+        rho = src._density(land, src._year_state(land, 2024).cls)[land.inv]
+        dates = src.s1_dates(TILE, 2024, "ascending")
+        summer = dates[(dates >= np.datetime64("2024-06-01")) & (dates < np.datetime64("2024-08-01"))]
+        vh = 10 * np.log10(src.read_s1(TILE, summer[:3], "ascending").values[..., 1]).mean(0)
+        m = gt.land_cover == DECIDUOUS
+        _, inv = np.unique(gt.parcel_id[m], return_inverse=True)
+        n = np.bincount(inv)
+        k = n > 50
+
+        def per_parcel(a: np.ndarray) -> np.ndarray:
+            return (np.bincount(inv, a[m]) / n)[k]
+
+        vh_p, h_p, rho_p = per_parcel(vh), per_parcel(gt.canopy_height), per_parcel(rho)
+        resid = vh_p - np.polyval(np.polyfit(h_p, vh_p, 1), h_p)
+        return float(np.corrcoef(resid, rho_p)[0, 1]) if rho_p.std() > 0 else 0.0
+
+    assert resid_corr(0.0) == 0.0
+    assert resid_corr(0.5) > 0.5

@@ -29,6 +29,7 @@ from tasks.train import (
     build_training_set,
     load_training_set,
     train_model,
+    validation_tiles,
 )
 from tessera_model import load_model
 
@@ -38,7 +39,8 @@ TILES = [
     Tile(zone=31, south=False, x0=296960 + i * 2560, y0=5788160, size_px=256) for i in range(3)
 ]
 CFG = TrainingConfig(steps=3, batch_size=16, pixels_per_tile=100, min_valid_s2=1,
-                     shard_pixels=64, checkpoint_every=2, device="cpu")  # fmt: skip
+                     shard_pixels=64, checkpoint_every=2, device="cpu",
+                     validation_tiles=0)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +111,38 @@ def test_train_model_streams_and_resumes(
     assert spec.version == "small-0.1" and model.projector is not None
     assert Path(ck.uri).exists() and not (Path(ck.uri).parent / "running.pt").exists()
     assert train_model(ts, ModelConfig(preset="small"), CFG, seed=1, storage=storage) == ck
+
+
+def test_held_out_tiles_validate_and_stop_the_training(
+    dpixels: tuple[list[DPixelRef], StorageConfig],
+) -> None:
+    refs, storage = dpixels
+    cfg = CFG.model_copy(update={"validation_tiles": 1, "validation_pixels": 40,
+                                 "validate_every": 2, "steps": 50, "patience": 1,
+                                 "min_delta": 1.0, "checkpoint_every": 100})
+    ts = build_training_set(refs, cfg, seed=4, storage=storage)
+    [held] = validation_tiles(refs, cfg, 4)
+    assert validation_tiles(list(reversed(refs)), cfg, 4) == [held]  # order-free choice
+    assert validation_tiles(refs[:1], cfg, 4) == []  # one tile: nothing to hold out
+    h = refs.index(held)
+    root = zarr.open_group(ts.uri, mode="r")
+    assert root.attrs["validation_tiles"] == [held.tile.id] and root.attrs["validation_size"] == 40
+    shards = ZarrShards(ts, storage)
+    seen = np.concatenate([_tile_of(shards.read_shard(i).s2) for i in range(len(shards.shard_sizes))])
+    assert sorted(set(seen.tolist())) == sorted({0, 1, 2} - {h}) and ts.n_pixels == 200
+    val = shards.validation()
+    assert val is not None and val.n_pixels == 40 and set(_tile_of(val.s2).tolist()) == {h}
+    reports = []
+    ck = train_model(ts, ModelConfig(preset="small"), cfg, seed=1, storage=storage,
+                     progress=reports.append)
+    obj = torch.load(ck.uri, weights_only=False, map_location="cpu")
+    # min_delta 1: no validation can improve enough, so the second one ends the run
+    assert obj["step"] == 4 and obj["converged"] is True
+    assert [s for s, _ in obj["validation"]] == [2, 4]
+    assert reports[-1].converged and reports[-1].validation_step == 4
+    assert reports[-1].validation_loss == pytest.approx(obj["validation"][-1][1])
+    none = ZarrShards(build_training_set(refs, CFG, seed=4, storage=storage), storage)
+    assert none.validation() is None
 
 
 def test_old_unsharded_layout_is_refused(tmp_path: Path) -> None:
