@@ -94,6 +94,7 @@ def test_embed_tile_native_zone_and_nodata(tmp_path, storage):
     ref = embed_tile(dp, ckpt, EmbeddingConfig(), 0, storage)
     group = zarr.open_group(ref.uri, mode="r")
     assert group.attrs["coverage_rule"] == "v1.0-reference;min_valid_s2=0;min_valid_s1=0"
+    assert group.attrs["inference"] == "fp32"
     r = group["embedding"][:]
     rvalid = np.isfinite(r).all(-1)
     assert rvalid[0, 0] and rvalid[10:20, 10:20].all() and not rvalid[east].any()
@@ -150,6 +151,35 @@ def test_embed_from_an_s3_checkpoint_replaced_in_place(tile_dpixels, tmp_path, m
         assert second.uri != first.uri and not np.array_equal(a, b, equal_nan=True)
     finally:
         server.stop()
+
+
+def test_int8_precision_config_cache_key_and_attr(tile_dpixels):
+    """embedding.precision: fp32 by default, int8-dynamic refused on CUDA, part of the embed
+    cache key (toggling it re-embeds), recorded as the 'inference' attribute; the int8
+    embeddings agree with fp32 to cosine >= 0.999 on every embedded pixel."""
+    from pydantic import ValidationError
+
+    assert EmbeddingConfig().precision == "fp32"
+    with pytest.raises(ValidationError, match="precision"):
+        EmbeddingConfig(precision="int8-dynamic", device="cuda")
+    with pytest.raises(ValidationError, match="precision"):
+        EmbeddingConfig(precision="int4")
+    dp, storage, ck = tile_dpixels
+    ckpt = given_checkpoint(str(ck), ModelConfig(), storage)
+    cpu = EmbeddingConfig(device="cpu", min_valid_s2=2)
+    q_cfg = cpu.model_copy(update={"precision": "int8-dynamic"})
+    fp = embed_tile(dp, ckpt, cpu, 0, storage)
+    q = embed_tile(dp, ckpt, q_cfg, 0, storage)
+    assert q.key != fp.key and q.uri != fp.uri and q.n_valid == fp.n_valid > 0
+    gq = zarr.open_group(q.uri, mode="r")
+    assert gq.attrs["inference"] == "int8-dynamic"
+    assert zarr.open_group(fp.uri, mode="r").attrs["inference"] == "fp32"
+    a = zarr.open_group(fp.uri, mode="r")["embedding"][:].reshape(-1, 128)
+    b = gq["embedding"][:].reshape(-1, 128)
+    ok = np.isfinite(a).all(1)
+    assert np.array_equal(ok, np.isfinite(b).all(1))
+    cos = (a[ok] * b[ok]).sum(1) / np.linalg.norm(a[ok], axis=1) / np.linalg.norm(b[ok], axis=1)
+    assert cos.min() >= 0.999
 
 
 def test_stop_request_leaves_no_committed_embedding(tile_dpixels, tmp_path, monkeypatch):

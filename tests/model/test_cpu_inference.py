@@ -1,0 +1,189 @@
+"""CPU inference forms: fused GRU scan, own encoder-layer forward, fixed-size chunks, int8."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tessera_model import ModelSpec, TesseraModel, embed_pixels, embed_pixels_binned
+from tessera_model.backbone import encoder_layer_cpu
+from tessera_model.errors import SpecError
+from tessera_model.int8 import int8_linear, quantise_rows, quantise_weight
+from tessera_model.model import cpu_chunk_rows
+from tessera_model.pooling import GRUCell
+from tests.model.test_v2_family import edge_pixels
+
+TilePixels = Any
+
+
+def _model(spec: ModelSpec, seed: int = 0) -> TesseraModel:
+    torch.manual_seed(seed)
+    return TesseraModel(spec, with_projector=False).eval()
+
+
+def _inputs(n: int, t2: int, t1: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x2 = torch.randn(n, t2, 11, generator=g)
+    x2[..., 10] = torch.randint(1, 366, (n, t2), generator=g).float()
+    x1 = torch.randn(n, t1, 3, generator=g)
+    x1[..., 2] = torch.randint(1, 366, (n, t1), generator=g).float()
+    return x2, x1
+
+
+def test_fused_gru_scan_matches_the_plain_step_loop() -> None:
+    """The buffered no-grad scan (tanh as 2 sigmoid(2a) - 1) agrees with the cell to 1e-6."""
+    torch.manual_seed(0)
+    cell = GRUCell(64, 64)
+    with torch.no_grad():
+        for b in (cell.b_r, cell.b_z, cell.b_h):
+            b.normal_()
+    x = torch.randn(37, 40, 64)
+    with torch.no_grad():
+        h = torch.zeros(37, 64)
+        outs = []
+        for t in range(40):
+            h = cell(x[:, t], h)
+            outs.append(h)
+        plain = torch.stack(outs, 1)
+    with torch.inference_mode():
+        fused = cell.scan(x, {})
+    assert float((fused - plain).abs().max()) <= 1e-6
+    autograd_form = cell.scan(x)  # grad enabled: the reference form
+    assert float((fused - autograd_form.detach()).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("d,heads,ffn,t", [(64, 4, 256, 40), (144, 4, 384, 48)])
+def test_encoder_layer_cpu_matches_torch(d: int, heads: int, ffn: int, t: int) -> None:
+    """Both attention forms (bmm for 16-wide heads, SDPA for 36-wide) vs torch's layer."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d, heads, ffn, 0.0, batch_first=True).eval()
+    x = torch.randn(9, t, d)
+    with torch.inference_mode():
+        want = layer(x)
+        got = encoder_layer_cpu(layer, x, {})
+    assert float((got - want).abs().max()) <= 5e-6
+
+
+@pytest.mark.parametrize("preset", ["small", "v2-nano", "v1.1"])
+def test_chunked_cpu_encode_matches_the_generic_forward(preset: str) -> None:
+    spec = ModelSpec.preset(preset)
+    model = _model(spec)
+    t = 40 if spec.family == "v1.0" else 24
+    x2, x1 = _inputs(21, t, t + 8)
+    with torch.inference_mode():
+        fast = model.encode(x2, x1)
+        generic = model._encode(x2, x1)
+    assert float((fast - generic).abs().max()) <= 1e-5  # float32 rounding of ~unit outputs
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic"])
+def test_chunked_encode_is_bit_identical_whatever_the_batch(precision: str) -> None:
+    spec = ModelSpec.preset("small")
+    model = _model(spec)
+    rows = cpu_chunk_rows(spec, 40)
+    n = 2 * rows + 5  # three chunks, the last one padded
+    x2, x1 = _inputs(n, 40, 40, seed=1)
+    with torch.inference_mode():
+        full = model.encode(x2, x1, precision)
+        parts = torch.cat([model.encode(x2[:3], x1[:3], precision),
+                           model.encode(x2[3:], x1[3:], precision)])  # fmt: skip
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        shuffled = model.encode(x2[order], x1[order], precision)
+    assert torch.equal(parts, full)
+    assert torch.equal(shuffled, full[order])
+
+
+def test_chunk_rows_depend_on_the_spec_and_length_only() -> None:
+    for preset in ("small", "v1", "v2-nano", "v2-large"):
+        spec = ModelSpec.preset(preset)
+        rows = cpu_chunk_rows(spec, 40)
+        assert rows & (rows - 1) == 0 and 8 <= rows <= 512
+    assert cpu_chunk_rows(ModelSpec.preset("v1"), 40) < cpu_chunk_rows(
+        ModelSpec.preset("small"), 40
+    )
+
+
+def test_int8_rows_are_quantised_independently() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 64)
+    x[2] *= 1000  # an outlier row must not change the others' scales
+    x[4] = 0  # an all-zero row stays zero
+    q, s = quantise_rows(x)
+    q1, s1 = quantise_rows(x[:2])
+    assert torch.equal(q[:2], q1) and torch.equal(s[:2], s1)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127 and not q[4].any()
+    lin = torch.nn.Linear(64, 40)
+    qw = quantise_weight(lin.weight, lin.bias)
+    y = int8_linear(x, qw)
+    ref = lin(x).detach()
+    assert torch.equal(int8_linear(x[3:4], qw), y[3:4])  # one row alone: the same bits
+    cos = torch.nn.functional.cosine_similarity(y, ref, dim=1)
+    assert float(cos[[0, 1, 2, 3, 5]].min()) > 0.9999
+    torch.testing.assert_close(y[4], lin.bias.detach())
+
+
+def test_int8_embeddings_close_to_fp32_per_pixel_and_batch_independent(
+    tile_pixels: TilePixels,
+) -> None:
+    """v1.0 (the real preset): cosine >= 0.999 on every pixel; two batch sizes, same bytes."""
+    model = _model(ModelSpec.preset("v1"))
+    p = tile_pixels
+
+    def run(bs: int, precision: str) -> np.ndarray:
+        return embed_pixels(
+            model, p.s2, p.s2_valid, p.s2_doy, p.s1, p.s1_valid, p.s1_doy, p.s1_keys,
+            p.pixel_ids, seed=3, batch_size=bs, device="cpu", precision=precision,
+            all_steps_fallback=True,
+        )  # fmt: skip
+
+    fp32 = run(0, "fp32")
+    q = run(0, "int8-dynamic")
+    ok = np.isfinite(fp32).all(1)
+    assert ok.sum() >= 35 and np.array_equal(ok, np.isfinite(q).all(1))
+    cos = (
+        (fp32[ok] * q[ok]).sum(1) / np.linalg.norm(fp32[ok], axis=1) / np.linalg.norm(q[ok], axis=1)
+    )
+    assert cos.min() >= 0.999, cos.min()
+    assert not np.array_equal(q[ok], fp32[ok])  # really another path
+    np.testing.assert_array_equal(run(20, "int8-dynamic"), q)
+
+
+def test_int8_binned_v2_close_and_batch_independent() -> None:
+    model = _model(ModelSpec.preset("v2-nano"))
+    px = edge_pixels(t2=60)
+
+    s1 = np.concatenate([px["asc"], px["desc"]], axis=1)
+    doy1 = np.concatenate([px["asc_doy"], px["desc_doy"]])
+    desc = np.arange(doy1.size) >= px["asc_doy"].size
+
+    def run(bs: int, precision: str) -> np.ndarray:
+        return embed_pixels_binned(
+            model, px["s2"], px["s2_valid"], px["s2_doy"], s1, doy1, desc, batch_size=bs,
+            device="cpu", precision=precision,
+        )  # fmt: skip
+
+    fp32, q = run(0, "fp32"), run(0, "int8-dynamic")
+    ok = np.isfinite(fp32).all(1)
+    cos = (
+        (fp32[ok] * q[ok]).sum(1) / np.linalg.norm(fp32[ok], axis=1) / np.linalg.norm(q[ok], axis=1)
+    )
+    assert cos.min() >= 0.999, cos.min()
+    np.testing.assert_array_equal(run(3, "int8-dynamic"), q)
+
+
+def test_precision_is_fp32_by_default_and_checked(tile_pixels: TilePixels) -> None:
+    model = _model(ModelSpec.preset("small"))
+    p = tile_pixels
+    args = (model, p.s2, p.s2_valid, p.s2_doy, p.s1, p.s1_valid, p.s1_doy, p.s1_keys,
+            p.pixel_ids)  # fmt: skip
+    default = embed_pixels(*args, seed=1, device="cpu")
+    np.testing.assert_array_equal(default, embed_pixels(*args, seed=1, device="cpu",
+                                                        precision="fp32"))  # fmt: skip
+    with pytest.raises(ValueError, match="precision"):
+        embed_pixels(*args, seed=1, device="cpu", precision="int4")
+    x2, x1 = _inputs(4, 40, 40)
+    with pytest.raises(SpecError, match="precision"):
+        model.encode(x2, x1, "int8-dynamic")  # autograd on: not an inference call
