@@ -29,6 +29,7 @@ Usage::
 
     PYTHONPATH=. python benchmarks/bench_publish.py --size-px 512 --repeats 3
     PYTHONPATH=. python benchmarks/bench_publish.py --size-px 1024 --repeats 2 --no-s3
+    PYTHONPATH=. python benchmarks/bench_publish.py --size-px 512 --no-s3 --input-codec none
 """
 
 from __future__ import annotations
@@ -149,6 +150,13 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="Scratch directory (default: a temp dir).")
     p.add_argument("--no-s3", dest="s3", action="store_false", help="Skip the S3 rows.")
     p.add_argument("--reads", type=int, default=20, help="Reads per latency figure.")
+    p.add_argument(
+        "--input-codec",
+        choices=("zstd", "none"),
+        default="zstd",
+        help="Codec of the float input: zarr's default zstd (what the embed stage writes) "
+        "or none (what publishing would cost if it did not have to decode the input).",
+    )
     args = p.parse_args()
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-publish-"))
@@ -162,8 +170,9 @@ def main() -> None:
     e = rng.normal(size=(n, n, 128)).astype(np.float32)
     e[rng.random((n, n)) < args.nodata] = np.nan
     emb_uri = str(root / "emb.zarr")
+    codec = {} if args.input_codec == "zstd" else {"compressors": None}
     zarr.open_group(emb_uri, mode="w").create_array(
-        "embedding", data=e, chunks=(64, 64, 128), fill_value=np.nan
+        "embedding", data=e, chunks=(64, 64, 128), fill_value=np.nan, **codec
     )  # the embed stage's layout
     emb = EmbeddingRef(uri=emb_uri, key="bench", tile=tile, n_valid=0, n_nodata=0)
     cfg = PublishConfig()
@@ -195,6 +204,7 @@ def main() -> None:
     cpu_s = {k: times.pop(k) for k in list(times) if "_cpu" in k}
     result = {
         "size_px": n,
+        "input_codec": args.input_codec,
         "product_MB": round(product_mb, 1),
         "float_input_MB": round(e.nbytes / 1e6, 1),
         "stored_MB": round(stored / 1e6, 1),

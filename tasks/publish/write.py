@@ -82,34 +82,55 @@ def _quantise(e: np.ndarray, rule: str = "v1") -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(q, dtype=np.int8), np.asarray(s, dtype=np.float32)
 
 
-def _read_blocks(
-    src: zarr.Array, in_shape: tuple[int, int, int], n_bands: int, rule: str, hasher: Any
-) -> Iterator[_Block]:
-    """Read each write block once: hash all its bands, quantise its first ``n_bands``.
+class _BlockReader:
+    """Each write block read once: all its bands hashed, its first ``n_bands`` quantised.
 
     A reader thread reads and hashes block i + 1 while the caller quantises and writes
     block i (numpy, Zarr's codecs and SHA-256 release the GIL), so at most two float blocks
-    are in memory. ``hasher`` ends as the tile's content hash: SHA-256 of the shape (JSON)
-    and then every block's float32 bytes in block order, the digest the records have always
-    held.
+    are in memory. The first block is read from construction on, while the caller takes its
+    lease and retracts the old tile. ``hasher`` ends as the tile's content hash: SHA-256 of
+    the shape (JSON) and then every block's float32 bytes in block order, the digest the
+    records have always held. Use as a context manager (it owns the thread).
     """
-    hasher.update(json.dumps(list(in_shape)).encode())
 
-    def read(rows: slice, cols: slice) -> np.ndarray:
-        block = np.ascontiguousarray(src[rows, cols, :], dtype=np.float32)
-        hasher.update(block)  # C-contiguous: the buffer is the block's bytes, no copy
+    def __init__(
+        self,
+        src: zarr.Array,
+        in_shape: tuple[int, int, int],
+        n_bands: int,
+        rule: str,
+        hasher: Any,
+    ) -> None:
+        self._src, self._n_bands, self._rule, self._hasher = src, n_bands, rule, hasher
+        self._slices = list(_blocks(in_shape[0], in_shape[1]))
+        hasher.update(json.dumps(list(in_shape)).encode())
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-read")
+        self._ahead = self._pool.submit(self._read, *self._slices[0])
+
+    def _read(self, rows: slice, cols: slice) -> np.ndarray:
+        block = np.ascontiguousarray(self._src[rows, cols, :], dtype=np.float32)
+        self._hasher.update(block)  # C-contiguous: the buffer is the block's bytes, no copy
         return block
 
-    slices = list(_blocks(in_shape[0], in_shape[1]))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-read") as reader:
-        ahead = reader.submit(read, *slices[0])
-        for i, (rows, cols) in enumerate(slices):
-            block = ahead.result()
-            if i + 1 < len(slices):  # in order: one reader thread, so one hash order
-                ahead = reader.submit(read, *slices[i + 1])
-            q, s = _quantise(block[..., :n_bands], rule)
+    def __iter__(self) -> Iterator[_Block]:
+        for i, (rows, cols) in enumerate(self._slices):
+            block = self._ahead.result()
+            if i + 1 < len(self._slices):  # one reader thread: blocks hashed in order
+                self._ahead = self._pool.submit(self._read, *self._slices[i + 1])
+            q, s = _quantise(block[..., : self._n_bands], self._rule)
             del block  # the reader holds the next one
             yield _Block(rows, cols, q, s)
+
+    def __enter__(self) -> _BlockReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Spill:
@@ -294,21 +315,21 @@ def publish_tile(
     _check_modes(dict(group.attrs), job)
 
     hasher = hashlib.sha256()
-    blocks = _read_blocks(src, in_shape, n_bands, job.rule, hasher)
-    old = read_tile_record(storage.output_uri, year, tile, storage)
-    if old is None:  # nothing to skip: write while reading
-        sha, key = _write_and_commit(job, blocks, hasher, old, cfg, storage)
-    else:
-        with _Spill() as spill:
-            for block in blocks:
-                spill.put(block)
-            sha = hasher.hexdigest()
-            key = job.key(sha)
-            if old.get("publish_key") == key:
-                return PublishRef(
-                    uri=where, key=key, tile=tile, store_uri=store_uri, group=name, skipped=True
-                )
-            sha, key = _write_and_commit(job, spill.blocks(), hasher, old, cfg, storage)
+    with _BlockReader(src, in_shape, n_bands, job.rule, hasher) as blocks:
+        old = read_tile_record(storage.output_uri, year, tile, storage)
+        if old is None:  # nothing to skip: write while reading
+            sha, key = _write_and_commit(job, iter(blocks), hasher, old, cfg, storage)
+        else:
+            with _Spill() as spill:
+                for block in blocks:
+                    spill.put(block)
+                sha = hasher.hexdigest()
+                key = job.key(sha)
+                if old.get("publish_key") == key:
+                    return PublishRef(
+                        uri=where, key=key, tile=tile, store_uri=store_uri, group=name, skipped=True
+                    )
+                sha, key = _write_and_commit(job, spill.blocks(), hasher, old, cfg, storage)
     _write_provenance(job, emb, sha, key, storage)
     return PublishRef(uri=where, key=key, tile=tile, store_uri=store_uri, group=name)
 
