@@ -25,7 +25,11 @@ useful work (the wasted share is reported).
 Usage::
 
     python benchmarks/bench_presets.py [--device cpu|cuda] [--presets v1 v2-nano ...]
-        [--seconds 4] [--batch 0] [--bf16]
+        [--seconds 4] [--batch 0] [--bf16] [--threads N] [--clock wall|cpu] [--int8]
+
+``--clock cpu`` (one thread only) divides by the process CPU time instead of the wall time,
+for both the pixels and the peak: on a shared CPU the wall clock also counts the time the
+thread waited for a core, which no code change can remove.
 
 Prints a markdown table.
 """
@@ -33,6 +37,7 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -92,15 +97,15 @@ def make_pixels(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def run(model: TesseraModel, px: dict[str, np.ndarray], dev: torch.device, batch: int,
-        bf16: bool) -> None:
+        bf16: bool, precision: str = "fp32") -> None:
     if model.spec.family == "v1.0":
         embed_pixels(model, px["s2"], px["s2_valid"], px["s2_doy"], px["s1"], px["s1_valid"],
                      px["s1_doy"], px["s1_keys"], px["pixel_ids"], seed=0, batch_size=batch,
-                     device=dev)  # fmt: skip
+                     device=dev, precision=precision)  # fmt: skip
     else:
         embed_pixels_binned(model, px["s2"], px["s2_valid"], px["s2_doy"], px["s1"],
                             px["s1_doy"], px["s1_desc"], batch_size=batch, device=dev,
-                            bf16=bf16)  # fmt: skip
+                            bf16=bf16, precision=precision)  # fmt: skip
 
 
 def work(spec: ModelSpec, px: dict[str, np.ndarray], batch: int) -> tuple[float, float]:
@@ -121,26 +126,28 @@ def work(spec: ModelSpec, px: dict[str, np.ndarray], batch: int) -> tuple[float,
     return float(flops.mean() + head_flops(spec)), 1.0 - n / rows
 
 
-def bench(preset: str, dev: torch.device, seconds: float, batch: int, bf16: bool) -> dict:
+def bench(preset: str, dev: torch.device, seconds: float, batch: int, bf16: bool,
+          clock: str = "wall", precision: str = "fp32") -> dict:
     spec = ModelSpec.preset(preset)
     torch.manual_seed(0)
     model = TesseraModel(spec, with_projector=False).eval()
     probe = make_pixels(256, seed=1)
-    run(model, probe, dev, batch, bf16)  # warm-up (and a first speed estimate)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    run(model, probe, dev, batch, bf16, precision)  # warm-up (and a first speed estimate)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    run(model, probe, dev, batch, bf16)
+    t0 = now()
+    run(model, probe, dev, batch, bf16, precision)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    per_px = (time.perf_counter() - t0) / 256
+    per_px = (now() - t0) / 256
     n = int(min(262_144, max(256, seconds / max(per_px, 1e-7))))
     px = make_pixels(n)
-    t0 = time.perf_counter()
-    run(model, px, dev, batch, bf16)
+    t0 = now()
+    run(model, px, dev, batch, bf16, precision)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    dt = time.perf_counter() - t0
+    dt = now() - t0
     flop, waste = work(spec, px, batch)
     return {"preset": preset, "pixels": n, "pps": n / dt, "flop": flop,
             "gflops": n * flop / dt / 1e9, "waste": waste}  # fmt: skip
@@ -154,11 +161,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="0: automatic")
     ap.add_argument("--bf16", action="store_true", help="v1.1/v2 under bf16 autocast (CUDA)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time pixels and peak by process CPU time (needs --threads 1; on "
+                    "a shared CPU it counts the work, not the waits for a core)")  # fmt: skip
+    ap.add_argument("--int8", action="store_true",
+                    help="also time precision='int8-dynamic' (CPU) and report its speed-up")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        ap.error("--clock cpu needs --threads 1 (CPU time of several threads includes spinning)")
     dev = resolve_device(args.device)
-    peak, shape = matmul_peak(dev)  # fp32 on CPU, bf16 on CUDA
+    peak, shape = matmul_peak(dev, clock=args.clock)  # fp32 on CPU, bf16 on CUDA
     fp32_peak = peak
     if dev.type == "cuda":
         a = torch.randn(8192, 8192, device=dev)
@@ -170,27 +184,31 @@ def main() -> None:
         torch.cuda.synchronize(dev)
         fp32_peak = 5 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e9
     print(f"device {dev} ({platform.processor() or platform.machine()}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads); matmul peak "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, load "
+          f"{os.getloadavg()[0]:.1f}); matmul peak "
           f"{peak:,.0f} GFLOP/s ({'bf16' if dev.type == 'cuda' else 'fp32'}, {shape})"
           + (f", fp32 {fp32_peak:,.0f} GFLOP/s" if dev.type == "cuda" else ""))
     print(f"observations: v1.0 family T=40 per stream; v1.1/v2 bins of n_s2~U{N_S2} of {T2}, "
           f"n_s1~U{N_S1} of {T1}\n")
     print("| preset | pixels | pixels/s | MFLOP/pixel | GFLOP/s | peak GFLOP/s | % of peak | "
-          "padding rows |")
-    print("|---|---|---|---|---|---|---|---|")
+          "padding rows |" + (" int8 pixels/s | int8 / fp32 |" if args.int8 else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.int8 else ""))
     for p in args.presets:
         if dev.type == "cpu":  # a shared CPU's peak drifts: measure it beside each preset
-            peak = max(matmul_peak(dev, reps=3)[0], matmul_peak(dev, reps=3)[0])
-        r = bench(p, dev, args.seconds, args.batch, args.bf16)
+            peak = max(matmul_peak(dev, 3, args.clock)[0], matmul_peak(dev, 3, args.clock)[0])
+        r = bench(p, dev, args.seconds, args.batch, args.bf16, args.clock)
+        q = bench(p, dev, args.seconds, args.batch, args.bf16, args.clock, "int8-dynamic") \
+            if args.int8 else None  # fmt: skip
         if dev.type == "cpu":
-            peak = max(peak, matmul_peak(dev, reps=3)[0])
+            peak = max(peak, matmul_peak(dev, 3, args.clock)[0])
         fam = ModelSpec.preset(p).family
         bf = dev.type == "cuda" and (fam == "v1.0" or args.bf16)
         ref = peak if (dev.type == "cpu" or bf) else fp32_peak
         print(f"| {p} | {r['pixels']:,} | {r['pps']:,.0f} | {r['flop'] / 1e6:,.1f} | "
               f"{r['gflops']:,.1f} | {ref:,.0f} {'bf16' if bf else 'fp32'} | "
               f"{100 * r['gflops'] / ref:.1f}% "
-              f"| {100 * r['waste']:.1f}% |", flush=True)
+              f"| {100 * r['waste']:.1f}% |"
+              + (f" {q['pps']:,.0f} | {q['pps'] / r['pps']:.2f}x |" if q else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -160,11 +160,13 @@ def encoder_layer_cpu(
         qkv_h = _buffer(ws, "heads", (3, b, heads, t, dh), h)
         qkv_h.copy_(qkv.view(b, t, 3, heads, dh).permute(2, 0, 3, 1, 4))
         q, k, v = qkv_h.view(3, b * heads, t, dh).unbind(0)
-        scores = torch.baddbmm(
-            _buffer(ws, "scores", (b * heads, t, t), h), q, k.transpose(1, 2), beta=0.0,
-            alpha=dh**-0.5,
-        )  # fmt: skip
-        a = torch.bmm(torch.softmax(scores, dim=-1, out=scores), v)
+        scores = _buffer(ws, "scores", (b * heads, t, t), h)
+        torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=dh**-0.5, out=scores)
+        a = torch.bmm(
+            torch.softmax(scores, dim=-1, out=scores),
+            v,
+            out=_buffer(ws, "a", (b * heads, t, dh), h),
+        )
         a = a.view(b, heads, t, dh).transpose(1, 2).reshape(b * t, d)
     out_proj = attn.out_proj
     o = linear(
