@@ -3,7 +3,7 @@
 A zone grid (:class:`ZoneExtent`) is the union of its tiles snapped outward to whole 256-px
 shards, in the zone's UTM CRS; a southern zone is its own group ``utm{zone:02d}s``. The
 coordinate arrays (``easting``/``northing`` pixel centres, uncompressed, one chunk) and the
-``spatial_ref`` grid-mapping variable are written from it (:func:`write_coords`).
+``spatial_ref`` grid-mapping variable are written from it (:func:`_write_coords`).
 """
 
 from __future__ import annotations
