@@ -35,6 +35,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+THREADS = 1 if (ROOT / "tasks" / "threads.py").exists() else len(os.sched_getaffinity(0))
+"""Torch threads of the stage loop: as a build's worker runs them (the code before
+tasks/threads.py ran every worker with all cores)."""
 BBOX = ("0.105", "52.192", "0.125", "52.200")  # inside one 256-px tile of zone 31N
 
 STAGES = r"""
@@ -43,27 +46,34 @@ sys.path.insert(0, {root!r})
 from flows.build import plan
 from tasks import acquire, catalog, dpixels, embed, mask, preview, publish, train
 from tasks.config import build_config
-from tasks.threads import apply_torch_threads
 cfg = build_config(None, {{"region": {{"bbox": {bbox}, "name": "fixed"}}, "year": 2023,
     "storage": {{"output_uri": {out!r}, "work_uri": {work!r}}},
     "training": {{"enabled": False, "checkpoint_uri": {ckpt!r}}}}})
-apply_torch_threads(1)  # what a threads-runner worker uses on this machine (2 workers, 2 cores)
+import torch
+torch.set_num_threads({threads})  # what a worker uses: 1 with 2 workers on 2 cores (before: all)
 c0, t0 = time.process_time(), time.perf_counter()
 st = cfg.storage
 tiles = plan(cfg)
 ck = train.given_checkpoint(cfg.training.checkpoint_uri, cfg.model, st)
 publish.prepare_zone_stores(tiles, cfg.year, cfg.publish, st, ck.model_version)
-pubs = []
+pubs, per = [], {{}}
+def timed(name, f, *args):
+    c = time.process_time()
+    out = f(*args)
+    per[name] = per.get(name, 0.0) + time.process_time() - c
+    return out
 for t in tiles:
-    sc = acquire.acquire(t, cfg.year, cfg.source, st)
-    mk = mask.cloud_mask(sc, cfg.mask, st)
-    dp = dpixels.extract_dpixels(sc, mk, cfg.dpixels, st)
-    e = embed.embed_tile(dp, ck, cfg.embedding, cfg.seed, st)
-    pubs.append(publish.publish_tile(e, cfg.year, cfg.publish, st, ck.model_version))
+    sc = timed("acquire", acquire.acquire, t, cfg.year, cfg.source, st)
+    mk = timed("mask", mask.cloud_mask, sc, cfg.mask, st)
+    dp = timed("dpixels", dpixels.extract_dpixels, sc, mk, cfg.dpixels, st)
+    e = timed("embed", embed.embed_tile, dp, ck, cfg.embedding, cfg.seed, st)
+    pubs.append(timed("publish", publish.publish_tile, e, cfg.year, cfg.publish, st, ck.model_version))
 for g in sorted({{p.group for p in pubs}}):
     publish.refresh_n_tiles(st.output_uri, cfg.year, g, st)
-    preview.make_preview(st.output_uri, cfg.year, g, st, cfg.publish, max_side=512)
-catalog.update_catalog(st.output_uri, cfg.year, st, cfg.publish)
+    timed("preview", lambda: preview.make_preview(st.output_uri, cfg.year, g, st, cfg.publish,
+                                                  max_side=512))
+timed("catalog", catalog.update_catalog, st.output_uri, cfg.year, st, cfg.publish)
+print(" ".join(f"{{k}}={{v:.2f}}" for k, v in per.items()), file=sys.stderr)
 print(len(tiles), time.process_time() - c0, time.perf_counter() - t0)
 """
 
@@ -103,11 +113,12 @@ def cli(args: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
 
 def stage_cpu(root: Path, ckpt: str) -> tuple[float, float]:
     code = STAGES.format(root=str(ROOT), bbox=list(map(float, BBOX)), out=str(root / "out"),
-                         work=str(root / "work"), ckpt=ckpt)
+                         work=str(root / "work"), ckpt=ckpt, threads=THREADS)
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True,
                          env=env_for(root / "home"))
     n, cpu, wall = out.stdout.split()[-3:]
     assert int(n) == 1, n
+    print(f"stage CPU-s of the tile (tiny model): {out.stderr.strip().splitlines()[-1]}")
     return float(cpu), float(wall)
 
 

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from prefect import flow, task
 from pydantic import ValidationError
 
 from tasks import threads
@@ -122,3 +123,42 @@ def test_embedding_has_no_global_lock() -> None:
     import tasks.embed as embed
 
     assert not any(isinstance(v, type(threading.Lock())) for v in vars(embed).values())
+
+
+@task
+def _probe(threads: int) -> tuple[int, str]:
+    """What a task of a build sees in its worker: its torch threads and the wait policy."""
+    import torch
+
+    from tasks.threads import apply_torch_threads
+
+    apply_torch_threads(threads)
+    return torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "")
+
+
+@flow
+def _probe_flow(runner: RunnerConfig) -> list[tuple[int, str]]:
+    from flows.build import torch_threads
+
+    threads.quiet_openmp()  # as build_region does, before the workers start
+    n, _ = torch_threads(runner)
+    return [f.result() for f in [_probe.submit(n) for _ in range(4)]]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", [
+    "threads",
+    pytest.param("processes", marks=pytest.mark.slow),
+    pytest.param("dask", marks=pytest.mark.slow),
+])
+def test_every_worker_kind_runs_its_share(kind: str, prefect_harness: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 workers on this machine's cores: each task runs cores // 2 threads (at least 1), in
+    worker threads, worker processes and Dask workers alike, with passive OpenMP waits."""
+    from flows.build import task_runner_for
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    runner = RunnerConfig(kind=kind, max_workers=2)
+    got = _probe_flow.with_options(task_runner=task_runner_for(runner))(runner=runner)
+    want = max(1, threads.available_cores() // 2)
+    assert got == [(want, "PASSIVE")] * 4
