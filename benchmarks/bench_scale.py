@@ -77,8 +77,11 @@ def run_build(root: Path, n: int, ckpt: str, workers: int) -> dict:
            "storage": {"output_uri": str(root / "out"), "work_uri": str(root / "work")},
            "training": {"enabled": False, "checkpoint_uri": ckpt},
            "runner": {"kind": "threads", "max_workers": workers}}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(root / "home"),
-           "PREFECT_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE"}
+    (root / "home").mkdir(parents=True)
+    env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # as the CLI sets them
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ, "PYTHONPATH": str(ROOT),
+           "PREFECT_HOME": str(root / "home"), "PREFECT_LOGGING_LEVEL": "WARNING",
+           "OMP_WAIT_POLICY": "PASSIVE"}
     env.pop("PREFECT_API_URL", None)
     out = subprocess.run([PY, "-c", RUN.format(root=str(ROOT), cfg=json.dumps(cfg))], env=env,
                          capture_output=True, text=True, timeout=7200)
