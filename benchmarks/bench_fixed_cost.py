@@ -156,8 +156,11 @@ def main() -> None:
     ap.add_argument("--no-demo", action="store_true")
     ap.add_argument("--no-running-server", action="store_true")
     ap.add_argument("--port", type=int, default=4290)
+    ap.add_argument("--demo-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="--set options of the demo (first run and re-runs alike).")
     a = ap.parse_args()
     rows = []
+    demo_sets = [x for s in a.demo_set for x in ("--set", s)]
     with tempfile.TemporaryDirectory(prefix="bench-fixed-") as d:
         base = Path(d)
         ckpt = tiny_checkpoint(base / "tiny.pt")
@@ -168,7 +171,8 @@ def main() -> None:
         demo = Path(a.demo_root) if a.demo_root else base / "demo"
         if not a.no_demo and not (demo / "out").exists():
             demo.mkdir(parents=True, exist_ok=True)
-            w, c = cli(["demo", "--output", str(demo / "out"), "--work", str(demo / "work")],
+            w, c = cli(["demo", "--output", str(demo / "out"), "--work", str(demo / "work"),
+                        *demo_sets],
                        env_for(base / "home-demo0"), base / "demo0.log")
             print(f"first demo run (to cache it): {w:.0f} s, {c:.0f} CPU-s", flush=True)
 
@@ -180,7 +184,8 @@ def main() -> None:
             todo = [("1-tile build", tile, cpu_st)]
             if not a.no_demo:
                 todo.append(("cached demo re-run", ["demo", "--output", str(demo / "out"),
-                                                    "--work", str(demo / "work")], 0.0))
+                                                    "--work", str(demo / "work"), *demo_sets],
+                             0.0))
             for what, args, st in todo:
                 s0 = tree_cpu(server_pid) if server_pid else 0.0
                 w, c = cli(args, env_for(home), base / f"{tag}-{len(rows)}.log")
