@@ -51,6 +51,8 @@ import zarr
 from tasks.config import PublishConfig, StorageConfig
 from tasks.grid import Tile
 from tasks.publish import prepare_zone_stores, publish_tile
+from tasks.publish.digest import ATTR as DIGEST_ATTR
+from tasks.publish.digest import content_sha256
 from tasks.refs import EmbeddingRef
 from tessera_model.quantise import quantise
 
@@ -153,9 +155,15 @@ def main() -> None:
     p.add_argument(
         "--input-codec",
         choices=("zstd", "none"),
-        default="zstd",
-        help="Codec of the float input: zarr's default zstd (what the embed stage writes) "
-        "or none (what publishing would cost if it did not have to decode the input).",
+        default="none",
+        help="Codec of the float input: none (what the embed stage writes) or zarr's "
+        "default zstd (what it wrote before).",
+    )
+    p.add_argument(
+        "--hash-in-publish",
+        action="store_true",
+        help="Leave out the embedding's content_sha256 attribute, so publishing hashes the "
+        "float input as it reads it (embeddings from other code; the code before).",
     )
     args = p.parse_args()
 
@@ -171,9 +179,12 @@ def main() -> None:
     e[rng.random((n, n)) < args.nodata] = np.nan
     emb_uri = str(root / "emb.zarr")
     codec = {} if args.input_codec == "zstd" else {"compressors": None}
-    zarr.open_group(emb_uri, mode="w").create_array(
+    g = zarr.open_group(emb_uri, mode="w")
+    g.create_array(
         "embedding", data=e, chunks=(64, 64, 128), fill_value=np.nan, **codec
     )  # the embed stage's layout
+    if not args.hash_in_publish:  # as the embed stage does, hashed as it is made
+        g.attrs[DIGEST_ATTR] = content_sha256(e)
     emb = EmbeddingRef(uri=emb_uri, key="bench", tile=tile, n_valid=0, n_nodata=0)
     cfg = PublishConfig()
     product_mb = n * n * BYTES_PER_PIXEL / 1e6
@@ -205,6 +216,7 @@ def main() -> None:
     result = {
         "size_px": n,
         "input_codec": args.input_codec,
+        "hash_in_publish": args.hash_in_publish,
         "product_MB": round(product_mb, 1),
         "float_input_MB": round(e.nbytes / 1e6, 1),
         "stored_MB": round(stored / 1e6, 1),

@@ -39,6 +39,8 @@ import zarr
 from tasks.acquire import ORBITS
 from tasks.config import EmbeddingConfig, StorageConfig
 from tasks.grid import PIXEL_M, SHARD_PX, Tile, native_mask
+from tasks.publish.digest import ATTR as DIGEST_ATTR
+from tasks.publish.digest import SquareDigest
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef
 from tasks.stop import arm_worker, check_stop
 from tasks.storage import (
@@ -58,7 +60,7 @@ from tessera_model import (
     read_checkpoint,
 )
 
-CODE = ("tasks.embed", "tasks.grid", "tasks.checkpoints", "tessera_model")
+CODE = ("tasks.embed", "tasks.grid", "tasks.checkpoints", "tasks.publish.digest", "tessera_model")
 S1_ORBIT_KEY = {"ascending": 0, "descending": 1000}
 """Added to an S1 day of year to make the sampling key of a step (asc/desc may share a DOY)."""
 V1_EMPTY_ORBIT_DOY = 180
@@ -165,8 +167,11 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
     out = zarr.open_group(zarr_store(uri, storage), mode="w")
     h, w, d = tile.height, tile.width, spec.embed_dim
     c = src["bands"].chunks[1]
+    # uncompressed: an intermediate whose float32 mantissas zstd shrinks by < 10 %, read by
+    # publishing at ~4x the speed (BENCHMARKS.md, publishing against its floor)
     emb = out.create_array("embedding", shape=(h, w, d), dtype="float32",
-                           chunks=(c, c, d), fill_value=np.nan)
+                           chunks=(c, c, d), fill_value=np.nan, compressors=None)
+    digest = SquareDigest((h, w, d))  # the content hash, made here (tasks/publish/digest.py)
     s2_doy = src["doys"][:]
     orbit_doys = {o: src[f"sar_{o}_doy"][:] for o in ORBITS}
     v1_family = spec.family == "v1.0"
@@ -217,6 +222,7 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
                         before_batch=lambda: check_stop(what), precision=cfg.precision,
                     )
             emb[rows, cols, :] = block_emb.reshape(bh, bw, d)
+            digest.add(y, x, block_emb.reshape(bh, bw, d))
             n_valid += int(idx.size)
     out.attrs.update({"tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),
                       "checkpoint_key": ckpt.key, "model_version": ckpt.model_version,
@@ -224,5 +230,7 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
                       "model_size": spec.size, "spec_version": spec.version,
                       "coverage_rule": cfg.coverage_rule(spec.family),
                       "inference": cfg.precision})
+    if (sha := digest.hexdigest()) is not None:  # every block was hashed: always complete
+        out.attrs[DIGEST_ATTR] = sha
     return EmbeddingRef(uri=uri, key=key, tile=tile, n_valid=n_valid, n_nodata=h * w - n_valid,
                         seconds=round(time.perf_counter() - t0, 3))

@@ -34,7 +34,9 @@ step stays in the core's cache and no full-size temporary is made."""
 
 
 def quantise(
-    embeddings: npt.NDArray[np.floating], rule: QuantRule = "v1"
+    embeddings: npt.NDArray[np.floating],
+    rule: QuantRule = "v1",
+    out: tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]] | None = None,
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
     """Quantise embeddings per pixel, streaming over :data:`STEP_ROWS` pixels at a time.
 
@@ -49,12 +51,14 @@ def quantise(
             strided view such as a Matryoshka prefix ``e[..., :K]`` is read in place when
             its pixels can be addressed as rows (the usual case); otherwise it is copied.
         rule: ``"v1"`` or ``"v2"`` (module docstring).
+        out: ``(q, s)`` to fill instead of new arrays (a caller reusing its buffers):
+            C-contiguous int8 (..., D) and float32 (...), the input's shape.
 
     Returns:
         ``(q, s)``: q int8 (..., D), s float32 (...); NaN rows give q = 0, s = NaN.
 
     Raises:
-        ValueError: an unknown rule.
+        ValueError: an unknown rule, or ``out`` of the wrong shape, dtype or layout.
     """
     if rule not in ("v1", "v2"):
         raise ValueError(f"Expected rule 'v1' or 'v2'. Got {rule!r}.")
@@ -64,8 +68,19 @@ def quantise(
     lead, d = e.shape[:-1], e.shape[-1]
     rows = _as_rows(e)
     n = rows.shape[0]
-    q = np.empty((n, d), np.int8)
-    s = np.empty(n, np.float32)
+    if out is None:
+        q, s = np.empty((n, d), np.int8), np.empty(n, np.float32)
+    else:
+        oq, os_ = out
+        if (
+            oq.shape != e.shape or os_.shape != lead or oq.dtype != np.int8
+            or os_.dtype != np.float32 or not (oq.flags.c_contiguous and os_.flags.c_contiguous)
+        ):
+            raise ValueError(
+                f"Expected out C-contiguous int8 {e.shape} and float32 {lead}. Got "
+                f"{oq.dtype} {oq.shape} and {os_.dtype} {os_.shape}."
+            )
+        q, s = oq.reshape(n, d), os_.reshape(n)  # views of contiguous arrays
     step = max(1, min(STEP_ROWS, n))
     buf = np.empty((step, d), np.float32)
     for i in range(0, n, step):
@@ -75,6 +90,8 @@ def quantise(
             np.copyto(b, x, casting="same_kind")
             x = b.copy()  # the float32 values the rule works on (one step, not the input)
         _quantise_step(x, b, si, qi, rule)
+    if out is not None:
+        return out
     return q.reshape(*lead, d), s.reshape(lead)
 
 

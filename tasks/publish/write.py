@@ -1,9 +1,11 @@
-"""Publishing one tile: read, hash, quantise and write in one pass, then commit.
+"""Publishing one tile: read, quantise and write in one pass, then commit.
 
 Each write block (256 rows x up to 1,024 columns, :func:`_blocks`) of the float embedding is
-read once. That one read feeds the content hash (SHA-256 of every band, in block order) and
-the streaming quantiser (:func:`tessera_model.quantise.quantise`, on the first K bands), and
-the int8 block goes to the zone group. No pass over the input exists only to hash it.
+read once, into one of two reused buffers, and quantised (:func:`tessera_model.quantise.quantise`,
+first K bands); the int8 block goes to the zone group. The content hash
+(:mod:`tasks.publish.digest`) is computed where the data is produced: the embed stage stores
+it in the embedding's ``content_sha256`` attribute. An embedding without it (written by
+other code) is hashed from that same one read, never by reading it again.
 
 Commit protocol (under a shared :class:`~tasks.publish.leases.ZoneLease`): retract (record
 removed, scales -> NaN), write ALL int8 embedding blocks, then the scales of the whole tile
@@ -12,22 +14,22 @@ removed, scales -> NaN), write ALL int8 embedding blocks, then the scales of the
 the scales write, only complete, correct pixels of the new content are visible; a re-run
 finishes it (no record, so no skip).
 
-Skipping: publishing the same content again is a no-op, decided by the content hash, which
-is complete only after the last block. A tile with no record cannot be skipped, so it is
-written while it is read. A tile with a record (a resumed or repeated build) is read,
-hashed and quantised into a local spill file first (:class:`_Spill`, 132 B per pixel, the
-int8 product, never the float input): same key, nothing is written; a different key, the
-blocks are written from the spill. Either way the float input is read once and memory
-stays bounded by one block.
+Skipping: publishing the same content again is a no-op, decided by the content key. With
+the hash known up front (the usual case) that is decided before anything is read, and a
+tile to replace is written while it is read. Without it, the hash is complete only after
+the last block: a tile with no record cannot be skipped, so it is written while it is read;
+a tile with a record is read, hashed and quantised into a local spill file first
+(:class:`_Spill`, 132 B per pixel, the int8 product, never the float input): same key,
+nothing is written; a different key, the blocks are written from the spill. Either way the
+float input is read at most once and memory stays bounded by two blocks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -35,6 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 
 from tasks.config import PublishConfig, StorageConfig
 from tasks.errors import DataError, StorageError
@@ -42,6 +45,7 @@ from tasks.grid import SHARD_PX, Tile
 from tasks.publish._fs import _open_root
 from tasks.publish.conventions import BLOCK_SHARDS, N_BANDS, PUBLISH_FORMAT, quantisation_rule
 from tasks.publish.coords import ZoneExtent, year_store_uri, zone_group_name
+from tasks.publish.digest import ATTR, SquareDigest, check_digest
 from tasks.publish.grow import _check_no_move
 from tasks.publish.leases import _lease
 from tasks.publish.records import (
@@ -75,22 +79,23 @@ class _Block(NamedTuple):
     s: np.ndarray
 
 
-def _quantise(e: np.ndarray, rule: str = "v1") -> tuple[np.ndarray, np.ndarray]:
-    from tessera_model.quantise import quantise  # the one implementation (section 4)
-
-    q, s = quantise(e, rule=rule)  # type: ignore[arg-type]
-    return np.asarray(q, dtype=np.int8), np.asarray(s, dtype=np.float32)
+STRIP_ROWS = 64
+"""Rows of the float input read at a time (fewer when the input's chunks are taller)."""
 
 
 class _BlockReader:
-    """Each write block read once: all its bands hashed, its first ``n_bands`` quantised.
+    """Each write block read once, strip by strip: hashed if its digest is not known, its
+    first ``n_bands`` quantised.
 
-    A reader thread reads and hashes block i + 1 while the caller quantises and writes
-    block i (numpy, Zarr's codecs and SHA-256 release the GIL), so at most two float blocks
-    are in memory. The first block is read from construction on, while the caller takes its
-    lease and retracts the old tile. ``hasher`` ends as the tile's content hash: SHA-256 of
-    the shape (JSON) and then every block's float32 bytes in block order, the digest the
-    records have always held. Use as a context manager (it owns the thread).
+    The input is read in strips (:data:`STRIP_ROWS` rows or the input's chunk rows, the
+    block's width) into two strip buffers used in turn; the quantised block lives in one
+    int8 and one scale buffer, reused block after block (the consumer is done with a block
+    before asking for the next). So float memory is two strips, and no fresh pages are
+    touched per strip or block. ``digest``, when given, ends as the tile's content hash
+    (:mod:`.digest`); then a reader thread reads and hashes strip j + 1 while the caller
+    quantises strip j, the first from construction on (while the caller takes its lease
+    and retracts the old tile). ``None`` when the embedding carries its hash: strips are
+    read as they are quantised. Use as a context manager (it may own a thread).
     """
 
     def __init__(
@@ -99,26 +104,68 @@ class _BlockReader:
         in_shape: tuple[int, int, int],
         n_bands: int,
         rule: str,
-        hasher: Any,
+        digest: SquareDigest | None,
     ) -> None:
-        self._src, self._n_bands, self._rule, self._hasher = src, n_bands, rule, hasher
-        self._slices = list(_blocks(in_shape[0], in_shape[1]))
-        hasher.update(json.dumps(list(in_shape)).encode())
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-read")
-        self._ahead = self._pool.submit(self._read, *self._slices[0])
+        from tessera_model.quantise import quantise  # the one implementation (section 4)
 
-    def _read(self, rows: slice, cols: slice) -> np.ndarray:
-        block = np.ascontiguousarray(self._src[rows, cols, :], dtype=np.float32)
-        self._hasher.update(block)  # C-contiguous: the buffer is the block's bytes, no copy
-        return block
+        self._quantise = quantise
+        self._src, self._n_bands, self._rule, self._digest = src, n_bands, rule, digest
+        self._blocks = list(_blocks(in_shape[0], in_shape[1]))
+        chunk = int(src.chunks[0])
+        strip = max(STRIP_ROWS, chunk)
+        strip = strip if SHARD_PX % strip == 0 else SHARD_PX
+        self._pieces = [
+            (slice(r, min(r + strip, rows.stop)), cols)
+            for rows, cols in self._blocks
+            for r in range(rows.start, rows.stop, strip)
+        ]
+        width = self._blocks[0][1].stop - self._blocks[0][1].start
+        self._direct = np.dtype(src.dtype) == np.float32
+        n_buf = 2 if self._direct else 0
+        self._bufs = [np.empty(strip * width * in_shape[2], np.float32) for _ in range(n_buf)]
+        self._q = np.empty(SHARD_PX * width * n_bands, np.int8)
+        self._s = np.empty(SHARD_PX * width, np.float32)
+        # a thread only to overlap hashing (~1 GB/s) with quantising and writing: reading an
+        # uncompressed strip alone costs less than handing it between threads under load
+        self._pool: ThreadPoolExecutor | None = None
+        if digest is not None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-read")
+            self._ahead = self._pool.submit(self._read, 0)
+
+    def _read(self, j: int) -> np.ndarray:
+        rows, cols = self._pieces[j]
+        shape = (rows.stop - rows.start, cols.stop - cols.start, self._src.shape[2])
+        if self._direct:  # straight into a reused buffer, C-contiguous
+            piece = self._bufs[j % 2][: shape[0] * shape[1] * shape[2]].reshape(shape)
+            self._src.get_basic_selection(
+                (rows, cols, slice(None)), out=NDBuffer.from_numpy_array(piece)
+            )
+        else:
+            piece = np.ascontiguousarray(self._src[rows, cols, :], dtype=np.float32)
+        if self._digest is not None:  # one reader thread: pieces arrive in order
+            self._digest.add(rows.start, cols.start, piece)
+        return piece
 
     def __iter__(self) -> Iterator[_Block]:
-        for i, (rows, cols) in enumerate(self._slices):
-            block = self._ahead.result()
-            if i + 1 < len(self._slices):  # one reader thread: blocks hashed in order
-                self._ahead = self._pool.submit(self._read, *self._slices[i + 1])
-            q, s = _quantise(block[..., : self._n_bands], self._rule)
-            del block  # the reader holds the next one
+        j, k = 0, self._n_bands
+        for rows, cols in self._blocks:
+            h, w = rows.stop - rows.start, cols.stop - cols.start
+            q = self._q[: h * w * k].reshape(h, w, k)
+            s = self._s[: h * w].reshape(h, w)
+            while j < len(self._pieces) and self._pieces[j][0].start < rows.stop:
+                if self._pool is None:
+                    piece = self._read(j)
+                else:
+                    piece = self._ahead.result()
+                    # piece j's buffer is reused by the read of piece j + 2, submitted only
+                    # once piece j is quantised
+                    if j + 1 < len(self._pieces):
+                        self._ahead = self._pool.submit(self._read, j + 1)
+                r = self._pieces[j][0].start - rows.start
+                j += 1
+                n = piece.shape[0]
+                self._quantise(piece[..., :k], rule=self._rule, out=(q[r : r + n], s[r : r + n]))
+                del piece
             yield _Block(rows, cols, q, s)
 
     def __enter__(self) -> _BlockReader:
@@ -130,7 +177,8 @@ class _BlockReader:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Spill:
@@ -145,7 +193,8 @@ class _Spill:
         self._index: list[tuple[slice, slice, tuple[int, ...], np.ndarray]] = []
 
     def put(self, block: _Block) -> None:
-        self._index.append((block.rows, block.cols, block.q.shape, block.s))
+        """Park a block (its buffers may be reused once this returns)."""
+        self._index.append((block.rows, block.cols, block.q.shape, block.s.copy()))
         self._file.write(np.ascontiguousarray(block.q).data)
 
     def blocks(self) -> Iterator[_Block]:
@@ -237,8 +286,9 @@ def publish_tile(
     Under a shared :class:`~tasks.publish.ZoneLease`: retract, write every int8 embedding
     block (a shard row, at most 4 shards wide, so input memory is bounded by the block),
     then the whole tile's scales (the commit; a pixel is visible only once its scale is
-    written), then the record. The float input is read once: that read also computes the
-    content hash (module docstring). A publish that dies before its scales leaves the tile
+    written), then the record. The float input is read once; the content hash comes from
+    the embedding's ``content_sha256`` attribute or, absent, from that one read (module
+    docstring). A publish that dies before its scales leaves the tile
     absent, and a re-run completes it. A tile already published with the same content
     (SHA-256 of the float input), model version and format is skipped, with nothing written;
     different content replaces it cleanly (the record and the scales are retracted first).
@@ -314,37 +364,49 @@ def publish_tile(
     )
     _check_modes(dict(group.attrs), job)
 
-    hasher = hashlib.sha256()
-    with _BlockReader(src, in_shape, n_bands, job.rule, hasher) as blocks:
-        old = read_tile_record(storage.output_uri, year, tile, storage)
-        if old is None:  # nothing to skip: write while reading
-            sha, key = _write_and_commit(job, iter(blocks), hasher, old, cfg, storage)
+    known = check_digest(src_group.attrs.get(ATTR), emb.uri)  # hashed by the embed stage
+    old = read_tile_record(storage.output_uri, year, tile, storage)
+    if known is not None and old is not None and old.get("publish_key") == job.key(known):
+        return PublishRef(  # same content: decided before reading anything
+            uri=where, key=job.key(known), tile=tile, store_uri=store_uri, group=name,
+            skipped=True,
+        )
+    digest = None if known is not None else SquareDigest(in_shape)
+
+    def sha() -> str:
+        got = known if digest is None else digest.hexdigest()
+        if got is None:  # cannot happen: publish blocks run over the squares in order
+            raise StorageError(f"tile {tile.id}: Expected the whole input hashed. Got less.")
+        return got
+
+    with _BlockReader(src, in_shape, n_bands, job.rule, digest) as blocks:
+        if old is None or known is not None:  # nothing to skip: write while reading
+            key = _write_and_commit(job, iter(blocks), sha, old, cfg, storage)
         else:
             with _Spill() as spill:
                 for block in blocks:
                     spill.put(block)
-                sha = hasher.hexdigest()
-                key = job.key(sha)
+                key = job.key(sha())
                 if old.get("publish_key") == key:
                     return PublishRef(
                         uri=where, key=key, tile=tile, store_uri=store_uri, group=name, skipped=True
                     )
-                sha, key = _write_and_commit(job, spill.blocks(), hasher, old, cfg, storage)
-    _write_provenance(job, emb, sha, key, storage)
+                key = _write_and_commit(job, spill.blocks(), sha, old, cfg, storage)
+    _write_provenance(job, emb, sha(), key, storage)
     return PublishRef(uri=where, key=key, tile=tile, store_uri=store_uri, group=name)
 
 
 def _write_and_commit(
     job: _Job,
     blocks: Iterator[_Block],
-    hasher: Any,
+    content_sha: Callable[[], str],
     old: dict[str, Any] | None,
     cfg: PublishConfig,
     storage: StorageConfig,
-) -> tuple[str, str]:
-    """Retract, write every block, commit the scales and the record; (sha, key) back.
+) -> str:
+    """Retract, write every block, commit the scales and the record; the key back.
 
-    ``hasher`` is complete once ``blocks`` is exhausted (it may be fed by them).
+    ``content_sha`` gives the content hash once ``blocks`` is exhausted (they may feed it).
     """
     tile, store_uri, name, where = job.tile, job.store_uri, job.group, job.where
     with _lease(store_uri, name, cfg, storage, exclusive=False) as lease:
@@ -382,7 +444,7 @@ def _write_and_commit(
             emb_arr[r0 + rows.start : r0 + rows.stop, c0 + cols.start : c0 + cols.stop, :] = q
             scales[rows, cols] = s
             lease.renew()
-        sha = hasher.hexdigest()
+        sha = content_sha()
         key = job.key(sha)
         # 3. The commit: the scales of the whole tile, then the record.
         scales_arr[rows_all, cols_all] = scales
@@ -410,7 +472,7 @@ def _write_and_commit(
             record_uri, json.dumps(record, sort_keys=True, indent=1).encode(), storage
         )
         _converge_n_tiles(store_uri, where, ext, storage)
-    return sha, key
+    return key
 
 
 def _write_provenance(

@@ -91,3 +91,25 @@ def test_quantised_bytes_are_pinned(rule: str, k: int) -> None:
     e = _portable(96, 97, 128, seed=7)[..., :k]  # slice first, then quantise (Matryoshka)
     q, s = quantise(e, rule=rule)  # type: ignore[arg-type]
     assert _digest(q, s) == PINNED_QUANTISE[(rule, k)]
+
+
+@pytest.mark.parametrize("rule", ["v1", "v2"])
+def test_out_buffers_are_filled_with_the_same_values(rule: str) -> None:
+    """``out=``: a caller's reused buffers get exactly what new arrays would (prefix views
+    of the input too), and wrong buffers are refused before anything is written."""
+    rng = np.random.default_rng(5)
+    e = rng.normal(size=(3, 700, 32)).astype(np.float32)
+    e[0, 3] = np.nan
+    want_q, want_s = quantise(e[..., :16], rule=rule)
+    q = np.full((3, 700, 16), 99, np.int8)
+    s = np.full((3, 700), -1, np.float32)
+    got = quantise(e[..., :16], rule=rule, out=(q, s))
+    assert got[0] is q and got[1] is s
+    assert np.array_equal(q, want_q) and np.array_equal(s, want_s, equal_nan=True)
+    with pytest.raises(ValueError, match="out"):
+        quantise(e[..., :16], rule=rule, out=(q[:, :, :8], s))
+    with pytest.raises(ValueError, match="out"):
+        quantise(e[..., :16], rule=rule, out=(q.astype(np.int16), s))  # type: ignore[arg-type]
+    big = np.zeros((3, 700, 32), np.int8)
+    with pytest.raises(ValueError, match="out"):
+        quantise(e[..., :16], rule=rule, out=(big[..., :16], s))  # not contiguous

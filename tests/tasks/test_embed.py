@@ -221,3 +221,18 @@ def test_stop_request_leaves_no_committed_embedding(tile_dpixels, tmp_path, monk
     a = zarr.open_group(resumed.uri, mode="r")["embedding"][:]
     b = zarr.open_group(whole.uri, mode="r")["embedding"][:]
     assert np.array_equal(a, b, equal_nan=True) and resumed.n_valid == whole.n_valid
+
+
+def test_embedding_carries_its_content_hash_and_is_stored_uncompressed(tile_dpixels):
+    """The embed stage hashes what it produces (tasks/publish/digest.py), so publishing never
+    hashes by reading the floats again: the attribute equals the hash of the stored array.
+    The float intermediate is stored without a codec (publishing reads it ~4x faster)."""
+    from tasks.publish.digest import ATTR, content_sha256
+
+    dp, storage, ck = tile_dpixels
+    ckpt = given_checkpoint(str(ck), ModelConfig(), storage)
+    emb = embed_tile(dp, ckpt, EmbeddingConfig(device="cpu", min_valid_s2=2), 0, storage)
+    g = zarr.open_group(emb.uri, mode="r")
+    arr = g["embedding"]
+    assert g.attrs[ATTR] == content_sha256(arr[:])
+    assert not arr.compressors

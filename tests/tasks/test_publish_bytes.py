@@ -20,6 +20,7 @@ import zarr
 from tasks.config import PublishConfig, StorageConfig
 from tasks.grid import Tile
 from tasks.publish import prepare_zone_stores, publish_tile, read_tile_record
+from tasks.publish.digest import ATTR, content_sha256
 from tasks.refs import EmbeddingRef
 
 YEAR = 2024
@@ -62,9 +63,16 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _publish(tmp_path: Path, tile: Tile, e: np.ndarray, model: str, dims: int):
+def _publish(
+    tmp_path: Path, tile: Tile, e: np.ndarray, model: str, dims: int, with_digest: bool = False
+):
     uri = str(tmp_path / "emb.zarr")
-    zarr.open_group(uri, mode="w").create_array("embedding", data=e, chunks=(64, 64, e.shape[2]))
+    g = zarr.open_group(uri, mode="w")
+    if with_digest:  # the embed stage's output: uncompressed, hashed where it was made
+        g.create_array("embedding", data=e, chunks=(64, 64, e.shape[2]), compressors=None)
+        g.attrs[ATTR] = content_sha256(e)
+    else:
+        g.create_array("embedding", data=e, chunks=(64, 64, e.shape[2]))
     emb = EmbeddingRef(uri=uri, key="pin", tile=tile, n_valid=0, n_nodata=0)
     storage = StorageConfig(output_uri=str(tmp_path / "out"), work_uri=str(tmp_path / "work"))
     cfg = PublishConfig(dims=dims)  # type: ignore[arg-type]
@@ -75,11 +83,16 @@ def _publish(tmp_path: Path, tile: Tile, e: np.ndarray, model: str, dims: int):
     return g["embeddings"][:], g["scales"][:], record, dict(g.attrs)
 
 
-# Recorded from the full-array implementation (tasks/publish.py at 3d5858e).
+# Recorded from the full-array implementation (tasks/publish.py at 3d5858e). The record
+# digests changed once, deliberately, when the content hash moved to the embed stage and
+# became a hash of 256 x 256 square hashes (tasks/publish/digest.py; before: 1e7b0b0226798e0d,
+# 9523353a4c167285, a3fa14e3d80cc98a): checked field by field against the code before, only
+# content_sha256 and publish_key differ; the arrays, the zone attributes and every other
+# record field are as pinned.
 PINNED = {
-    ("1.0", 256, 128, 128): ("d26eb41459a277f2", "1e7b0b0226798e0d"),
-    ("v2-nano-0123abcd", 512, 32, 16): ("1b808bc5a56bcc76", "9523353a4c167285"),
-    ("v2-nano-0123abcd", 256, 128, 64): ("c84e31e68ae2a07a", "a3fa14e3d80cc98a"),
+    ("1.0", 256, 128, 128): ("d26eb41459a277f2", "a4954255e557776c"),
+    ("v2-nano-0123abcd", 512, 32, 16): ("1b808bc5a56bcc76", "70f5489bfc8c9ebc"),
+    ("v2-nano-0123abcd", 256, 128, 64): ("c84e31e68ae2a07a", "0a6ea7758ee8fadb"),
 }
 
 
@@ -96,3 +109,19 @@ def test_published_arrays_and_record_are_pinned(
     ).hexdigest()[:16]
     assert _digest(q, s) == arrays
     assert got_meta == meta
+    assert record["content_sha256"] == content_sha256(e)
+
+
+@pytest.mark.parametrize(("model", "size", "full", "dims"), list(PINNED))
+def test_digest_from_the_embed_stage_gives_the_same_bytes_and_record(
+    tmp_path: Path, model: str, size: int, full: int, dims: int
+) -> None:
+    """An embedding carrying its content hash (as the embed stage writes it, uncompressed)
+    publishes exactly what one without it does: nothing about the product depends on who
+    hashed it."""
+    tile = T_256 if size == 256 else T_512
+    e = portable_embedding(size, size, full, seed=size + dims)
+    want = _publish(tmp_path / "a", tile, e, model, dims)
+    got = _publish(tmp_path / "b", tile, e, model, dims, with_digest=True)
+    assert _digest(*got[:2]) == _digest(*want[:2])
+    assert got[2:] == want[2:]
