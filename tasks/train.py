@@ -268,6 +268,7 @@ def _settings(model: ModelConfig, cfg: TrainingConfig, seed: int) -> tuple[Model
         checkpoint_every=cfg.checkpoint_every, seed=seed, device=cfg.device,
         validate_every=cfg.validate_every if cfg.validation_tiles else 0,
         patience=cfg.patience if cfg.validation_tiles else 0, min_delta=cfg.min_delta,
+        view_fraction=cfg.view_fraction,
     )
     return spec, settings
 
