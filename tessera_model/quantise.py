@@ -109,8 +109,12 @@ def _quantise_step(
     x: np.ndarray, b: np.ndarray, s: np.ndarray, q: np.ndarray, rule: QuantRule
 ) -> None:
     """One step: x (k, D) float32 in, scratch b (k, D), scales s (k,) and q (k, D) out."""
-    np.abs(x, out=b)
-    np.max(b, axis=1, out=s)  # NaN propagates: a no-data pixel has a NaN maximum
+    # max |e| per pixel on the int32 bit patterns with the sign bit cleared: for
+    # non-negative floats their order is the values' order (a NaN's pattern is above
+    # inf's, so a no-data pixel still gets a NaN maximum), and numpy's integer row maximum
+    # runs ~1.8x faster than its float one; the result is the same float32 value
+    np.bitwise_and(x.view(np.int32), np.int32(0x7FFFFFFF), out=b.view(np.int32))
+    np.max(b.view(np.int32), axis=1, out=s.view(np.int32))
     nodata = np.isnan(s)
     gaps = bool(nodata.any())
     if gaps:

@@ -27,11 +27,13 @@ float input is read at most once and memory stays bounded by two blocks.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -83,6 +85,35 @@ STRIP_ROWS = 64
 """Rows of the float input read at a time (fewer when the input's chunks are taller)."""
 
 
+def _chunk_files(src: zarr.Array) -> tuple[Path, tuple[int, int, int]] | None:
+    """Where ``src``'s chunk files are when they hold its raw little-endian float32 values
+    (local store, Zarr v3, no codec but ``bytes``, regular chunks spanning every band): the
+    embed stage's layout. Reading those files straight into place costs about a tenth of
+    the CPU time of Zarr's read path (which allocates and copies per chunk); ``None``
+    otherwise (Zarr reads it)."""
+    from zarr.codecs import BytesCodec
+    from zarr.core.chunk_grids import RegularChunkGrid
+    from zarr.core.metadata import ArrayV3Metadata
+    from zarr.storage import LocalStore
+
+    md = src.metadata
+    if not (
+        isinstance(md, ArrayV3Metadata)
+        and isinstance(src.store, LocalStore)
+        and len(md.codecs) == 1
+        and isinstance(md.codecs[0], BytesCodec)
+        and (md.codecs[0].endian is None or md.codecs[0].endian.value == "little")
+        and sys.byteorder == "little"
+        and np.dtype(src.dtype) == np.float32
+        and isinstance(md.chunk_grid, RegularChunkGrid)
+        and md.chunk_grid.chunk_shape[2] == src.shape[2]
+    ):
+        return None
+    ch, cw, cb = md.chunk_grid.chunk_shape
+    return Path(src.store.root) / src.path, (int(ch), int(cw), int(cb))
+"""Rows of the float input read at a time (fewer when the input's chunks are taller)."""
+
+
 class _BlockReader:
     """Each write block read once, strip by strip: hashed if its digest is not known, its
     first ``n_bands`` quantised.
@@ -121,12 +152,16 @@ class _BlockReader:
         ]
         width = self._blocks[0][1].stop - self._blocks[0][1].start
         self._direct = np.dtype(src.dtype) == np.float32
-        n_buf = 2 if self._direct else 0
+        n_buf = (2 if digest is not None else 1) if self._direct else 0
         self._bufs = [np.empty(strip * width * in_shape[2], np.float32) for _ in range(n_buf)]
         self._q = np.empty(SHARD_PX * width * n_bands, np.int8)
         self._s = np.empty(SHARD_PX * width, np.float32)
         # a thread only to overlap hashing (~1 GB/s) with quantising and writing: reading an
         # uncompressed strip alone costs less than handing it between threads under load
+        self._files = _chunk_files(src) if self._direct else None
+        if self._files is not None:
+            self._chunk = np.empty(int(np.prod(self._files[1])), np.float32)
+            self._fill = np.float32(src.metadata.fill_value)
         self._pool: ThreadPoolExecutor | None = None
         if digest is not None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-read")
@@ -136,15 +171,42 @@ class _BlockReader:
         rows, cols = self._pieces[j]
         shape = (rows.stop - rows.start, cols.stop - cols.start, self._src.shape[2])
         if self._direct:  # straight into a reused buffer, C-contiguous
-            piece = self._bufs[j % 2][: shape[0] * shape[1] * shape[2]].reshape(shape)
-            self._src.get_basic_selection(
-                (rows, cols, slice(None)), out=NDBuffer.from_numpy_array(piece)
-            )
+            buf = self._bufs[j % len(self._bufs)]
+            piece = buf[: shape[0] * shape[1] * shape[2]].reshape(shape)
+            if self._files is not None:
+                self._read_files(rows, cols, piece)
+            else:
+                self._src.get_basic_selection(
+                    (rows, cols, slice(None)), out=NDBuffer.from_numpy_array(piece)
+                )
         else:
             piece = np.ascontiguousarray(self._src[rows, cols, :], dtype=np.float32)
         if self._digest is not None:  # one reader thread: pieces arrive in order
             self._digest.add(rows.start, cols.start, piece)
         return piece
+
+    def _read_files(self, rows: slice, cols: slice, piece: np.ndarray) -> None:
+        """Fill ``piece`` from the chunk files it overlaps (a missing file: fill value)."""
+        assert self._files is not None
+        root, (ch, cw, cb) = self._files
+        chunk = self._chunk.reshape(ch, cw, cb)
+        for i in range(rows.start // ch, -(-rows.stop // ch)):
+            r0, r1 = max(rows.start, i * ch), min(rows.stop, (i + 1) * ch)
+            for j in range(cols.start // cw, -(-cols.stop // cw)):
+                c0, c1 = max(cols.start, j * cw), min(cols.stop, (j + 1) * cw)
+                dst = piece[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start]
+                path = root / self._src.metadata.encode_chunk_key((i, j, 0))
+                try:
+                    with open(path, "rb", buffering=0) as f:
+                        got = f.readinto(self._chunk.data)
+                except FileNotFoundError:  # never written: all fill value
+                    dst[...] = self._fill
+                    continue
+                if got != self._chunk.nbytes:
+                    raise StorageError(
+                        f"{path}: Expected a chunk of {self._chunk.nbytes} B. Got {got} B."
+                    )
+                dst[...] = chunk[r0 - i * ch : r1 - i * ch, c0 - j * cw : c1 - j * cw]
 
     def __iter__(self) -> Iterator[_Block]:
         j, k = 0, self._n_bands
@@ -431,13 +493,17 @@ def _write_and_commit(
         emb_arr, scales_arr = group["embeddings"], group["scales"]
         r0, c0 = ext.offset(tile)
         rows_all, cols_all = slice(r0, r0 + tile.height), slice(c0, c0 + tile.width)
-        # 1. Retract: drop the record, then the scales (whole NaN shards are deleted).
+        # 1. Retract: drop the record, then the scales (whole NaN shards are deleted). A tile
+        # without a record usually has no scales either (a first publish): reading them
+        # (absent shards: no data) is cheaper than writing NaN over them; scales left by a
+        # publish killed mid-commit are retracted as any others.
         record_uri = _record_uri(store_uri, tile)
         if old is not None:
             fs, rec_path = get_fs(record_uri, storage)
             fs.rm(rec_path)
             _converge_n_tiles(store_uri, where, ext, storage)
-        scales_arr[rows_all, cols_all] = np.full((tile.height, tile.width), np.nan, np.float32)
+        if old is not None or not np.isnan(scales_arr[rows_all, cols_all]).all():
+            scales_arr[rows_all, cols_all] = np.full((tile.height, tile.width), np.nan, np.float32)
         # 2. Every embedding block; the tile's scales wait in memory (4 B/pixel).
         scales = np.full((tile.height, tile.width), np.nan, np.float32)
         for rows, cols, q, s in blocks:

@@ -112,3 +112,34 @@ def test_bad_digest_attribute_is_refused_naming_it(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=ATTR):
         publish_tile(emb, YEAR, PublishConfig(), storage, "1.0")
     assert read_tile_record(storage.output_uri, YEAR, TILE, storage) is None
+
+
+@pytest.mark.parametrize("chunk", [32, 64, 128, 512])
+def test_chunk_files_read_in_place_give_zarrs_values(tmp_path: Path, chunk: int) -> None:
+    """The embed stage's layout (uncompressed, local) is read from its chunk files directly:
+    the same values as through Zarr, chunks never written (all no-data) included, whatever
+    the chunk side against the read strips."""
+    e = np.random.default_rng(1).normal(size=(512, 512, 8)).astype(np.float32)
+    e[64:192, 256:384] = np.nan  # whole chunks of no-data: not stored
+    e[5, 7] = np.nan
+    uri = str(tmp_path / "e.zarr")
+    src = zarr.open_group(uri, mode="w").create_array(
+        "embedding", data=e, chunks=(chunk, chunk, 8), fill_value=np.nan, compressors=None
+    )
+    assert write_mod._chunk_files(src) is not None
+    from tessera_model.quantise import quantise
+
+    want_q, want_s = quantise(e)
+    reader = write_mod._BlockReader(src, e.shape, 8, "v1", SquareDigest(e.shape))
+    n = 0
+    with reader:
+        for rows, cols, q, s in reader:
+            assert np.array_equal(q, want_q[rows, cols])
+            assert np.array_equal(s, want_s[rows, cols], equal_nan=True)
+            n += 1
+    assert n == 2
+    assert reader._digest is not None and reader._digest.hexdigest() == content_sha256(e)
+    zstd = zarr.open_group(str(tmp_path / "z.zarr"), mode="w").create_array(
+        "embedding", data=e, chunks=(chunk, chunk, 8)
+    )
+    assert write_mod._chunk_files(zstd) is None  # compressed: read through Zarr
