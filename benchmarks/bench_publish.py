@@ -18,9 +18,11 @@ server mode, started here, through s3fs):
   formula, the implementation before streaming), ``sha256`` of the same block, and
   ``read_float`` (reading the whole float tile back from its Zarr store).
 
-The input mimics the embed stage's output: float32 (H, W, 128), 64 x 64 chunks, zarr's
-default codec, seeded N(0, 1) values with ``--nodata`` NaN pixels (compresses like real
-embeddings: stored ~90 % of raw). Publish and floor throughputs are MB/s (10^6 B) of the
+The input mimics the embed stage's output: float32 (H, W, 128), 64 x 64 chunks, no codec,
+its ``content_sha256`` attribute computed as the embed stage computes it
+(:mod:`tasks.publish.digest`), seeded N(0, 1) values with ``--nodata`` NaN pixels.
+``--input-codec zstd --hash-in-publish`` gives the embed stage's output before (zarr's default
+zstd, ~92 % of raw for these values, no hash): publishing then decodes and hashes it. Publish and floor throughputs are MB/s (10^6 B) of the
 published product, 132 B/pixel; quantise, sha256 and read are MB/s of float input. Best of
 ``--repeats``. Then read latencies through :mod:`tasks.reader` (one pixel vector by lon/lat,
 a 1 km x 1 km dequantised window), median of ``--reads`` reads at random places.
@@ -29,7 +31,8 @@ Usage::
 
     PYTHONPATH=. python benchmarks/bench_publish.py --size-px 512 --repeats 3
     PYTHONPATH=. python benchmarks/bench_publish.py --size-px 1024 --repeats 2 --no-s3
-    PYTHONPATH=. python benchmarks/bench_publish.py --size-px 512 --no-s3 --input-codec none
+    PYTHONPATH=. python benchmarks/bench_publish.py --size-px 512 --no-s3 --input-codec zstd \
+        --hash-in-publish
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Publishing one tile: read, quantise and write in one pass, then commit.
 
 Each write block (256 rows x up to 1,024 columns, :func:`_blocks`) of the float embedding is
-read once, into one of two reused buffers, and quantised (:func:`tessera_model.quantise.quantise`,
-first K bands); the int8 block goes to the zone group. The content hash
+read once, strip by strip into a reused buffer (the embed stage's uncompressed chunk files
+straight from disk, :func:`_chunk_files`; anything else through Zarr), and quantised
+(:func:`tessera_model.quantise.quantise`, first K bands, into a reused int8 block); the int8
+block goes to the zone group. The content hash
 (:mod:`tasks.publish.digest`) is computed where the data is produced: the embed stage stores
 it in the embedding's ``content_sha256`` attribute. An embedding without it (written by
 other code) is hashed from that same one read, never by reading it again.
@@ -352,7 +354,7 @@ def publish_tile(
     the embedding's ``content_sha256`` attribute or, absent, from that one read (module
     docstring). A publish that dies before its scales leaves the tile
     absent, and a re-run completes it. A tile already published with the same content
-    (SHA-256 of the float input), model version and format is skipped, with nothing written;
+    (:mod:`tasks.publish.digest`), model version and format is skipped, with nothing written;
     different content replaces it cleanly (the record and the scales are retracted first).
     The record holds no time, path or cache key (same input, same bytes); when, where to and
     from which work-root embedding a tile was published goes to
@@ -384,21 +386,27 @@ def publish_tile(
     name = zone_group_name(tile)
     where = join(store_uri, name)
     root = _open_root(store_uri, storage)
-    if root is None or name not in root:
+    try:  # one metadata read, no separate existence check (each is a round trip)
+        group = root[name] if root is not None else None
+    except KeyError:
+        group = None
+    if root is None or group is None:
         raise StorageError(
             f"tile {tile.id}: Expected zone group {where} (run prepare_zone_stores first). Got none."
         )
     _check_root(root, store_uri, year)
-    group = root[name]
     if not isinstance(group, zarr.Group):
         raise DataError(f"{where}: Expected a zone group. Got an array.")
     n_bands = int(group.attrs["tessera:n_bands"])
     _check_zone(group, where, model_version, n_bands)
 
     src_group = zarr.open_group(zarr_store(emb.uri, storage, read_only=True), mode="r")
-    if "embedding" not in src_group:
-        raise DataError(f"tile {tile.id}: Expected array 'embedding' in {emb.uri}. Got none.")
-    src = src_group["embedding"]
+    try:
+        src = src_group["embedding"]
+    except KeyError:
+        raise DataError(
+            f"tile {tile.id}: Expected array 'embedding' in {emb.uri}. Got none."
+        ) from None
     full = int(src.shape[-1]) if isinstance(src, zarr.Array) and src.ndim == 3 else N_BANDS
     in_shape = (tile.height, tile.width, full)
     if not isinstance(src, zarr.Array) or tuple(src.shape) != in_shape or full < n_bands:
