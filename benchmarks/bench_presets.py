@@ -18,9 +18,10 @@ multiple of 8), so the cost depends on the observations; the synthetic pixels he
 few hundred pixels already fill every group as a 256 x 256 block of a real tile does. Counted per stream with width d, FFN f, C channels:
 band embedding ``2T(Cd + d^2)``; per layer QKV ``6Td^2``, scores and weighted values
 ``4T^2 d``, output projection ``2Td^2``, FFN ``4Tdf``; pooling: v2 query ``2Td``, GRU
-(v1.0/v1.1) ``12Td^2``; head: v1.0 ``4dL``, v1.1/v2 ``2(2d)(4d) + 2(4d)L``. Element-wise ops
-and the rows added to reach ``MIN_FORWARD_ROWS`` in small bin groups are not counted as
-useful work (the wasted share is reported).
+(v1.0/v1.1) ``12Td^2``; head: v1.0 ``4dL``, v1.1/v2 ``2(2d)(4d) + 2(4d)L``. Element-wise ops,
+the rows added to reach ``BINNED_MIN_ROWS`` in small bin groups and those that fill the last
+CPU inference chunk (``cpu_chunk_rows``) are not counted as useful work (the padding share is
+reported; batch-size-limited sub-batches are approximated by whole groups on CPU).
 
 Usage::
 
@@ -55,6 +56,7 @@ from tessera_model import ModelSpec, TesseraModel, embed_pixels, embed_pixels_bi
 from tessera_model.infer import MIN_FORWARD_ROWS  # noqa: E402
 from tessera_model.infer_binned import BINNED_MIN_ROWS, stream_bins  # noqa: E402
 from tessera_model.inputs import resolve_device  # noqa: E402
+from tessera_model.model import cpu_chunk_rows  # noqa: E402
 
 PRESETS = ["small", "v1", "v1.1", "v2-nano", "v2-small", "v2-medium", "v2-large"]
 T2, T1 = 80, 90
@@ -108,7 +110,8 @@ def run(model: TesseraModel, px: dict[str, np.ndarray], dev: torch.device, batch
                             bf16=bf16, precision=precision)  # fmt: skip
 
 
-def work(spec: ModelSpec, px: dict[str, np.ndarray], batch: int) -> tuple[float, float]:
+def work(spec: ModelSpec, px: dict[str, np.ndarray], batch: int,
+         cpu: bool = False) -> tuple[float, float]:  # fmt: skip
     """(useful FLOP per pixel, share of forward rows that were padding) for these pixels."""
     n = px["s2"].shape[0]
     min_rows = MIN_FORWARD_ROWS if spec.family == "v1.0" else BINNED_MIN_ROWS
@@ -123,6 +126,14 @@ def work(spec: ModelSpec, px: dict[str, np.ndarray], batch: int) -> tuple[float,
     rows = sum(max(min_rows, g) if batch == 0 or g <= batch else
                (g // batch) * batch + max(min_rows, g % batch) * bool(g % batch)
                for g in groups)  # fmt: skip
+    if cpu:  # CPU inference chunks (tessera_model.model.cpu_chunk_rows): last one padded
+        if spec.family == "v1.0":
+            chunk = cpu_chunk_rows(spec, spec.sample_steps)
+            rows = -(-max(rows, 1) // chunk) * chunk
+        else:
+            keys, groups = np.unique(t2 * 4096 + t1, return_counts=True)
+            rows = sum(-(-max(min_rows, g) // (c := cpu_chunk_rows(spec, int(max(k // 4096, k % 4096)))))
+                       * c for k, g in zip(keys, groups, strict=True))  # fmt: skip
     return float(flops.mean() + head_flops(spec)), 1.0 - n / rows
 
 
@@ -148,7 +159,7 @@ def bench(preset: str, dev: torch.device, seconds: float, batch: int, bf16: bool
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     dt = now() - t0
-    flop, waste = work(spec, px, batch)
+    flop, waste = work(spec, px, batch, cpu=dev.type == "cpu")
     return {"preset": preset, "pixels": n, "pps": n / dt, "flop": flop,
             "gflops": n * flop / dt / 1e9, "waste": waste}  # fmt: skip
 

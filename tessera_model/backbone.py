@@ -92,7 +92,7 @@ class ModalityEncoder(nn.Module):
         bands = x[..., : self.in_channels].reshape(b * t, self.in_channels)
         lin1, lin2 = self.embedding[0], self.embedding[2]
         e = torch.addmm(lin1.bias, bands, lin1.weight.t(), out=_buffer(ws, "e1", (b * t, d), x))
-        h = linear(e.relu_(), lin2.weight, lin2.bias, qw.get(f"{prefix}.embedding"))
+        h = linear(e.relu_(), lin2.weight, lin2.bias, qw.get(f"{prefix}.embedding"), ws=ws)
         h = h.view(b, t, d)
         h += doy_encoding(x[..., self.in_channels], d).to(x.dtype)
         for i, layer in enumerate(self.transformer_encoder.layers):
@@ -151,7 +151,7 @@ def encoder_layer_cpu(
     h = x.reshape(b * t, d)
     qkv = linear(
         h, attn.in_proj_weight, attn.in_proj_bias, qw.get("in_proj"),
-        _buffer(ws, "qkv", (b * t, 3 * d), h),
+        _buffer(ws, "qkv", (b * t, 3 * d), h), ws,
     )  # fmt: skip
     if dh >= SDPA_MIN_HEAD_DIM:
         q, k, v = qkv.view(b, t, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
@@ -170,13 +170,13 @@ def encoder_layer_cpu(
         a = a.view(b, heads, t, dh).transpose(1, 2).reshape(b * t, d)
     out_proj = attn.out_proj
     o = linear(
-        a, out_proj.weight, out_proj.bias, qw.get("out_proj"), _buffer(ws, "o", (b * t, d), h)
+        a, out_proj.weight, out_proj.bias, qw.get("out_proj"), _buffer(ws, "o", (b * t, d), h), ws
     )
     h = F.layer_norm(o.add_(h), (d,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
     f = linear(
         h, layer.linear1.weight, layer.linear1.bias, qw.get("linear1"),
-        _buffer(ws, "ffn", (b * t, layer.linear1.out_features), h),
+        _buffer(ws, "ffn", (b * t, layer.linear1.out_features), h), ws,
     ).relu_()  # fmt: skip
-    o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o).add_(h)
+    o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o, ws).add_(h)
     o = F.layer_norm(o, (d,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
     return o.view(b, t, d)

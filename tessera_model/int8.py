@@ -50,27 +50,45 @@ def quantise_weight(weight: Tensor, bias: Tensor | None) -> QuantisedWeight:
     )
 
 
-def quantise_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row symmetric int8 of a (M, K) float tensor: ``(q (M, K) int8, scale (M, 1))``."""
-    amax = x.abs().amax(dim=1, keepdim=True)
+def _buf(ws: dict | None, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    if ws is None:
+        return torch.empty(shape, dtype=dtype)
+    key = (name, shape, dtype)
+    if key not in ws:
+        ws[key] = torch.empty(shape, dtype=dtype)
+    return ws[key]
+
+
+def quantise_rows(x: Tensor, ws: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8 of a (M, K) float tensor: ``(q (M, K) int8, scale (M, 1))``.
+
+    ``ws``: optional buffers reused between calls of one shape (no fresh multi-MB tensors).
+    """
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = torch.round(x * (1.0 / scale)).to(torch.int8)  # |x / s| <= 127: no clamp needed
+    tmp = torch.mul(x, scale.reciprocal(), out=_buf(ws, "q_f", tuple(x.shape), x.dtype))
+    q = _buf(ws, "q_i8", tuple(x.shape), torch.int8)
+    q.copy_(tmp.round_())  # |x / s| <= 127: no clamp needed
     return q, scale
 
 
-def int8_linear(x: Tensor, qw: QuantisedWeight, out: Tensor | None = None) -> Tensor:
+def int8_linear(
+    x: Tensor, qw: QuantisedWeight, out: Tensor | None = None, ws: dict | None = None
+) -> Tensor:
     """``x @ W.T + b`` for a (M, K) float32 ``x`` through int8 (module docstring).
 
     Args:
         x: (M, K) float32, any M >= 1.
         qw: the layer's :class:`QuantisedWeight`.
         out: optional (M, N) float32 buffer.
+        ws: optional workspace for the int8 input and the int32 product.
 
     Returns:
         (M, N) float32.
     """
-    q, sx = quantise_rows(x)
-    acc = torch._int_mm(q, qw.wq_t)  # (M, N) int32, exact
+    q, sx = quantise_rows(x, ws)
+    n = qw.wq_t.shape[1]
+    acc = torch._int_mm(q, qw.wq_t, out=_buf(ws, "acc", (x.shape[0], n), torch.int32))
     y = torch.mul(acc, qw.scale, out=out) if out is not None else acc * qw.scale
     if qw.bias is None:
         return y.mul_(sx)
@@ -78,10 +96,10 @@ def int8_linear(x: Tensor, qw: QuantisedWeight, out: Tensor | None = None) -> Te
 
 
 def linear(x: Tensor, lin_weight: Tensor, lin_bias: Tensor | None, qw: QuantisedWeight | None,
-           out: Tensor | None = None) -> Tensor:  # fmt: skip
+           out: Tensor | None = None, ws: dict | None = None) -> Tensor:  # fmt: skip
     """``x @ W.T + b`` in float32 (``qw`` None) or through :func:`int8_linear`."""
     if qw is not None:
-        return int8_linear(x, qw, out)
+        return int8_linear(x, qw, out, ws)
     if lin_bias is None:
         return torch.mm(x, lin_weight.t(), out=out) if out is not None else x @ lin_weight.t()
     if out is not None:

@@ -16,24 +16,41 @@ CPU_CHUNK_BYTES = 4 << 20
 """Target size of the largest activation of one CPU forward chunk (tokens x max(3d, FFN)
 float32 values): small enough to stay in cache and in the allocator's reused heap (large
 fresh buffers cost page faults on every call), large enough for efficient GEMMs."""
+CPU_CHUNK_BYTES_GRU = 16 << 20
+"""The same for the GRU-pooled families: their pooling runs one small step op after another
+(six per step and stream), so larger chunks mean fewer ops per pixel; with several threads
+each op is a thread barrier, which on a shared CPU costs far more than the cache misses
+(``small`` at two threads on the loaded dev box: 512-pixel chunks 2.6x the pixels/s of
+whole batches, 64-pixel chunks 0.3x; one thread: no difference between 64 and 256)."""
 CPU_CHUNK_MIN, CPU_CHUNK_MAX = 8, 512
-CPU_CHUNK_MIN_GRU = 32
+CPU_CHUNK_MIN_GRU = 64
+CPU_CHUNK_MIN_V11 = 16
+"""Least chunk of v1.1 (binned: the bin groups are padded to 16 rows anyway)."""
 """Least chunk of the GRU-pooled families (v1.0, v1.1): each GRU step multiplies the chunk's
 hidden states by the (d, 3d) recurrent weights, and with fewer rows the weights are re-read
-for too little work (v1 at one thread: 90 % of the matmul peak with 8 rows, 98 % with 32)."""
+for too little work (v1 at one thread: 90 % of the matmul peak with 8 rows, 94-98 % with 32 to
+128); 64 also halves the parallel regions per pixel against 32 when several threads run."""
 
 
-def cpu_chunk_rows(spec: ModelSpec, steps: int) -> int:
+def cpu_chunk_rows(spec: ModelSpec, steps: int, precision: str = "fp32") -> int:
     """Pixels per CPU inference chunk for sequences of ``steps`` tokens (a power of two).
 
     A function of the spec and the sequence length only, never of the batch: every chunk
     has exactly this many rows (the last one padded), so every pixel goes through GEMMs of
-    the same shapes whatever batch it came in, hence the same float bits.
+    the same shapes whatever batch it came in, hence the same float bits. ``int8-dynamic``
+    takes the small cache-resident chunks of :data:`CPU_CHUNK_BYTES` for every family (its
+    quantise and rescale passes are memory-bound: v1 int8 at one thread 4.2x fp32 with
+    8-pixel chunks, 1.8x with 64).
     """
-    per_pixel = max(1, steps) * max(3 * spec.d_model, spec.ffn_dim) * 4
-    rows = max(1, CPU_CHUNK_BYTES // per_pixel)
+    per_pixel = max(1, int(steps)) * max(3 * spec.d_model, spec.ffn_dim) * 4
+    int8 = precision != "fp32"  # int8: memory-bound epilogues, keep every chunk in cache
+    budget = CPU_CHUNK_BYTES if spec.family == "v2" or int8 else CPU_CHUNK_BYTES_GRU
+    rows = max(1, budget // per_pixel)
     rows = 1 << (rows.bit_length() - 1)
-    least = CPU_CHUNK_MIN if spec.family == "v2" else CPU_CHUNK_MIN_GRU
+    # v1.0 runs whole blocks in one batch; v1.1 runs bin groups (often of a few dozen
+    # pixels: a large least chunk would be mostly padding), v2 has no GRU.
+    least = {"v1.0": CPU_CHUNK_MIN_GRU, "v1.1": CPU_CHUNK_MIN_V11}.get(spec.family, CPU_CHUNK_MIN)
+    least = CPU_CHUNK_MIN if int8 else least
     return int(min(CPU_CHUNK_MAX, max(least, rows)))
 
 
@@ -115,7 +132,7 @@ class TesseraModel(nn.Module):
             return self._encode(s2, s1)
         # CPU inference: fixed-size chunks (module constant CPU_CHUNK_BYTES), last one padded
         n = s2.shape[0]
-        rows = cpu_chunk_rows(self.spec, max(s2.shape[1], s1.shape[1]))
+        rows = cpu_chunk_rows(self.spec, max(s2.shape[1], s1.shape[1]), precision)
         padded = -(-n // rows) * rows
         if padded != n:
             pad = torch.zeros(padded - n, dtype=torch.long)

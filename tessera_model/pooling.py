@@ -76,7 +76,7 @@ class GRUCell(nn.Module):
             if key not in ws or ws[key].dtype != x.dtype:
                 ws[key] = torch.empty(key[1], dtype=x.dtype, device=x.device)
             gi = ws[key]
-            linear(x.reshape(-1, x.shape[-1]), w_in, b_in, q_in, gi.view(-1, 3 * hd))
+            linear(x.reshape(-1, x.shape[-1]), w_in, b_in, q_in, gi.view(-1, 3 * hd), ws)
         else:
             gi = nn.functional.linear(x, w_in, b_in)  # (B, T, 3H): [r | z | h~] input parts
         w_rz_t = torch.cat([self.W_hr.weight, self.W_hz.weight], dim=0).t()
