@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -156,10 +156,13 @@ class _BlockReader:
         self._direct = np.dtype(src.dtype) == np.float32
         n_buf = (2 if digest is not None else 1) if self._direct else 0
         self._bufs = [np.empty(strip * width * in_shape[2], np.float32) for _ in range(n_buf)]
-        self._q = np.empty(SHARD_PX * width * n_bands, np.int8)
+        # two int8 blocks in turn: block i may still be being written while block i + 1 is
+        # quantised (the consumer finishes block i before it asks for block i + 2)
+        self._q = [np.empty(SHARD_PX * width * n_bands, np.int8) for _ in range(2)]
         self._s = np.empty(SHARD_PX * width, np.float32)
         # a thread only to overlap hashing (~1 GB/s) with quantising and writing: reading an
         # uncompressed strip alone costs less than handing it between threads under load
+        self._done: list[None] = []  # blocks handed out so far
         self._files = _chunk_files(src) if self._direct else None
         if self._files is not None:
             self._chunk = np.empty(int(np.prod(self._files[1])), np.float32)
@@ -214,7 +217,8 @@ class _BlockReader:
         j, k = 0, self._n_bands
         for rows, cols in self._blocks:
             h, w = rows.stop - rows.start, cols.stop - cols.start
-            q = self._q[: h * w * k].reshape(h, w, k)
+            q = self._q[len(self._done) % 2][: h * w * k].reshape(h, w, k)
+            self._done.append(None)
             s = self._s[: h * w].reshape(h, w)
             while j < len(self._pieces) and self._pieces[j][0].start < rows.stop:
                 if self._pool is None:
@@ -514,10 +518,20 @@ def _write_and_commit(
             scales_arr[rows_all, cols_all] = np.full((tile.height, tile.width), np.nan, np.float32)
         # 2. Every embedding block; the tile's scales wait in memory (4 B/pixel).
         scales = np.full((tile.height, tile.width), np.nan, np.float32)
-        for rows, cols, q, s in blocks:
-            emb_arr[r0 + rows.start : r0 + rows.stop, c0 + cols.start : c0 + cols.stop, :] = q
-            scales[rows, cols] = s
-            lease.renew()
+        # block i is encoded and written by a writer thread while block i + 1 is read and
+        # quantised here (Zarr's codecs release the GIL); one write in flight at a time
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-write") as writer:
+            pending: Future[None] | None = None
+            for rows, cols, q, s in blocks:
+                if pending is not None:
+                    pending.result()
+                where_q = (slice(r0 + rows.start, r0 + rows.stop),
+                           slice(c0 + cols.start, c0 + cols.stop), slice(None))
+                pending = writer.submit(emb_arr.__setitem__, where_q, q)
+                scales[rows, cols] = s
+                lease.renew()
+            if pending is not None:
+                pending.result()
         sha = content_sha()
         key = job.key(sha)
         # 3. The commit: the scales of the whole tile, then the record.
