@@ -3,7 +3,8 @@
 Every bad input ends in one line on stderr naming the field and exit status 2, before a
 Prefect server starts or anything is written: the config is validated, storage probed, the
 checkpoint and credentials checked (:mod:`tasks.preflight`) first. A temporary Prefect
-server that does not come up ends in one line saying what to do, exit status 3.
+server that does not come up ends in one line saying what to do, exit status 3. A build that
+published but failed its evaluation gate (``evaluation.*``; the demo has one) exits with 4.
 """
 
 from __future__ import annotations
@@ -306,7 +307,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``tessera`` command; returns the exit status (0 ok, 2 bad input, 3 no server)."""
+    """Run the ``tessera`` command; returns the exit status.
+
+    0 ok, 2 bad input, 3 no server, 4 published but an evaluation gate failed.
+    """
     t0 = time.perf_counter()
     for name, value in CLI_PREFECT_DEFAULTS.items():  # before Prefect is imported
         os.environ.setdefault(name, value)
