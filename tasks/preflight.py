@@ -7,7 +7,10 @@ Prefect server starts, a folder is created or a task runs:
 - the output and work roots can be written (a probe that removes everything it created,
   deepest first, so a failed start leaves nothing behind);
 - a given checkpoint exists (a local ``stat`` or an S3 ``HEAD``);
-- Sentinel Hub credentials named by environment variables are set.
+- Sentinel Hub credentials named by environment variables are set;
+- an evaluation with the synthetic Earth's ground truth (``evaluation.labels`` land_cover or
+  canopy_height) reads scenes of the synthetic Earth (its own source, or a local endpoint
+  that serves it), not real imagery those labels do not describe.
 
 Credentials held in a named Prefect block can only be read through the Prefect API;
 :func:`check_credential_blocks` reads them once (no retry), and the command line calls it
@@ -20,6 +23,7 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tasks.config import BuildConfig, StorageConfig, validate_build_config
 from tasks.credentials import s3_credentials, sentinelhub_credentials
@@ -28,9 +32,11 @@ from tasks.errors import ConfigError
 __all__ = [
     "check_credential_blocks",
     "check_readable",
+    "check_evaluation_labels",
     "check_writable",
     "local_checks",
     "preflight",
+    "serves_synthetic_earth",
 ]
 
 
@@ -137,7 +143,47 @@ def local_checks(cfg: BuildConfig) -> None:
     if cfg.source.kind == "sentinelhub" and not sh.secret_block:
         sentinelhub_credentials(None, sh.client_id_env, sh.client_secret_env,
                                 field_name="source.sentinelhub")
+    check_evaluation_labels(cfg)
     _storage_checks(cfg, with_block=False)
+
+
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+def _loopback(url: str | None) -> bool:
+    host = urlsplit(url or "").hostname or ""
+    return host in _LOOPBACK or host.startswith("127.")
+
+
+def serves_synthetic_earth(cfg: BuildConfig) -> bool:
+    """Whether the build's scenes come from the synthetic Earth: its own source, or the
+    Sentinel Hub or STAC endpoint on this machine (``tessera shub-endpoint`` /
+    ``stac-endpoint``, which serve it)."""
+    src = cfg.source
+    if src.kind == "synthetic":
+        return True
+    if src.kind == "sentinelhub":
+        return src.sentinelhub.preset == "custom" and _loopback(src.sentinelhub.base_url)
+    if src.kind == "stac":
+        return all(_loopback(c.api_url) for c in src.stac.catalogues())
+    return False
+
+
+def check_evaluation_labels(cfg: BuildConfig) -> None:
+    """Refuse an evaluation against the synthetic Earth's ground truth on real scenes.
+
+    Raises:
+        ConfigError: (``evaluation.labels``) the labels are synthetic but the source is not.
+    """
+    ev = cfg.evaluation
+    if ev.enabled and ev.labels != "file" and not serves_synthetic_earth(cfg):
+        raise ConfigError(
+            "evaluation.labels",
+            f"expected labels: file (with evaluation.labels_uri) for source.kind "
+            f"{cfg.source.kind!r}: {ev.labels!r} is the synthetic Earth's ground truth and "
+            f"does not describe real scenes. Got labels {ev.labels!r} with a "
+            f"{cfg.source.kind!r} source that is not a local synthetic-Earth endpoint "
+            f"(or set evaluation.enabled=false)")
 
 
 def check_credential_blocks(cfg: BuildConfig) -> None:

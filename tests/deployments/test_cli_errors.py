@@ -84,6 +84,7 @@ CASES: list[tuple[str, str]] = [
     ("demo --set training.enabled=false --set training.checkpoint_uri=s3:/b/m.pt", "training.checkpoint_uri"),
     ("build " + BBOX + " --set training.enabled=false", "training"),  # no checkpoint given
     ("demo --set source.kind=sentinelhub", "source.sentinelhub"),  # no SH_CLIENT_ID/SECRET
+    ("demo --set source.kind=stac", "evaluation.labels"),  # synthetic labels, real scenes
     # config files
     ("build -c {files}/missing.yaml", "config"),
     ("build -c {files}/adir.yaml", "config"),  # a directory

@@ -225,3 +225,27 @@ def test_missing_checkpoint_fails_before_work(tmp_path):
     with pytest.raises(ConfigError) as ei:
         preflight(cfg)
     assert ei.value.field == "training.checkpoint_uri"
+
+
+def test_synthetic_labels_need_scenes_of_the_synthetic_earth():
+    from tasks.errors import ConfigError
+    from tasks.preflight import check_evaluation_labels, serves_synthetic_earth
+
+    local_stac = {"kind": "stac", "stac": {"api_url": "http://127.0.0.1:8766/pc/api/stac/v1"}}
+    local_sh = {"kind": "sentinelhub",
+                "sentinelhub": {"preset": "custom", "base_url": "http://localhost:8765"}}
+    for source in ({}, local_stac, local_sh):  # the demo and the README's local endpoints
+        cfg = demo_config(source=source)
+        assert serves_synthetic_earth(cfg)
+        check_evaluation_labels(cfg)
+    real = [{"kind": "stac"}, {"kind": "sentinelhub"},
+            {"kind": "stac", "stac": {"preset": "earth-search",  # S1 still from the real PC
+                                      "api_url": "http://127.0.0.1:8766/pc/api/stac/v1"}}]
+    for source in real:
+        cfg = demo_config(source=source)
+        assert not serves_synthetic_earth(cfg)
+        with pytest.raises(ConfigError, match="evaluation.labels"):
+            check_evaluation_labels(cfg)
+        check_evaluation_labels(demo_config(source=source, evaluation={"enabled": False}))
+        check_evaluation_labels(demo_config(source=source, evaluation={
+            "labels": "file", "labels_uri": "labels.geojson"}))
