@@ -155,6 +155,8 @@ def _row(rec: dict[str, Any], year: int) -> dict[str, Any]:
         "col_offset": rec["col_offset"],
         "store_path": f"{year}.zarr",
         "n_bands": int(rec.get("shape", [0, 0, 128])[-1]),  # item property only (K < 128)
+        # item properties only, where the record has them: which pixels were embedded and how
+        **{k: rec[k] for k in ("coverage_rule", "inference") if rec.get(k) is not None},
     }
 
 
@@ -186,6 +188,7 @@ def _item(row: dict[str, Any], year: int) -> pystac.Item:
             "tessera:row_offset": row["row_offset"],
             "tessera:col_offset": row["col_offset"],
             **({"tessera:n_bands": row["n_bands"]} if row.get("n_bands", 128) != 128 else {}),
+            **{f"tessera:{k}": row[k] for k in ("coverage_rule", "inference") if k in row},
         },
     )
     proj = ProjectionExtension.ext(item, add_if_missing=True)

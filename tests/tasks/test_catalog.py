@@ -182,3 +182,28 @@ def test_catalog_reads_after_copy_and_over_http(tmp_path: Path) -> None:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
+
+
+def test_stac_items_say_how_the_tile_was_embedded(tmp_path: Path) -> None:
+    """The coverage rule and the inference mode of a tile's record are item properties
+    (absent when the record has none, as for tiles embedded before they were recorded)."""
+    storage = _storage(tmp_path)
+    prepare_zone_stores([T_A, T_B], YEAR, CFG, storage, MODEL)
+    emb = _write_emb(tmp_path, T_A, _embedding(T_A, 1))
+    zarr.open_group(emb.uri, mode="r+").attrs.update(
+        {"coverage_rule": "v1.0-reference;min_valid_s2=0;min_valid_s1=0", "inference": "int8-dynamic"})
+    publish_tile(emb, YEAR, CFG, storage, MODEL)
+    ref = update_catalog(storage.output_uri, YEAR, storage)
+    col = pystac.Collection.from_file(ref.collection_uri)
+    (item,) = [pystac.Item.from_file(link.get_absolute_href()) for link in col.get_item_links()]
+    assert item.properties["tessera:coverage_rule"] == "v1.0-reference;min_valid_s2=0;min_valid_s1=0"
+    assert item.properties["tessera:inference"] == "int8-dynamic"
+    assert validate_catalog(storage.output_uri, storage) >= 1
+
+    storage2 = _storage(tmp_path, "out2")
+    prepare_zone_stores([T_B], YEAR, CFG, storage2, MODEL)
+    publish_tile(_write_emb(tmp_path, T_B, _embedding(T_B, 2)), YEAR, CFG, storage2, MODEL)
+    col = pystac.Collection.from_file(update_catalog(storage2.output_uri, YEAR, storage2).collection_uri)
+    (item,) = [pystac.Item.from_file(link.get_absolute_href()) for link in col.get_item_links()]
+    assert "tessera:coverage_rule" not in item.properties
+    assert "tessera:inference" not in item.properties
