@@ -48,24 +48,44 @@ from tessera_model.constants import encode_s1
 CODE = ("tasks.dpixels", "tessera_model.constants")
 
 
-def remove_offset(dn: np.ndarray, offset: np.ndarray) -> np.ndarray:
+def remove_offset(dn: np.ndarray, offset: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Subtract each date's DN offset once, clipping at 0.
 
     Args:
         dn: uint16 (T, ..., C) digital numbers as delivered.
         offset: int (T,) offset carried by each date (1000 or 0).
+        out: where to write the result (``dn`` itself: in place, no temporary).
 
     Returns:
-        uint16 array of the same shape.
+        uint16 array of the same shape (``out`` when given).
     """
     off = np.asarray(offset).astype(np.uint16).reshape((-1,) + (1,) * (dn.ndim - 1))
-    return np.maximum(dn, off) - off  # stays uint16: max(dn, off) - off == clip(dn - off, 0)
+    # stays uint16: max(dn, off) - off == clip(dn - off, 0)
+    res = np.maximum(dn, off, out=out)
+    return np.subtract(res, off, out=res)
 
 
 def day_of_year(days_since_epoch: np.ndarray) -> np.ndarray:
     """Day of year 1..366 (uint16) of int days since 1970-01-01."""
     d = np.asarray(days_since_epoch, dtype="datetime64[D]")
     return (d - d.astype("datetime64[Y]")).astype(np.int64).astype(np.uint16) + 1
+
+
+def _write_strips(arr: zarr.Array, block: np.ndarray, y: int, x: int, rows: int) -> None:
+    """Write a (T, bh, bw, ...) block at (y, x) a few chunk rows at a time: Zarr copies each
+    chunk out of a non-contiguous block before encoding it, so one call for the whole block
+    would hold a second copy of it."""
+    for r in range(0, block.shape[1], rows):
+        arr[:, y + r : y + r + rows, x : x + block.shape[2]] = block[:, r : r + rows]
+
+
+def _encode_s1_dates(linear: np.ndarray) -> np.ndarray:
+    """:func:`~tessera_model.constants.encode_s1` of (T, ...) linear backscatter, a date at a
+    time (it works in float64: a whole block at once would make several float64 copies)."""
+    out = np.empty(linear.shape, np.int16)
+    for i in range(linear.shape[0]):
+        out[i] = encode_s1(linear[i])
+    return out
 
 
 def dpixel_uri(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: StorageConfig) -> tuple[str, str]:
@@ -111,21 +131,23 @@ def _write_dpixels(scene: SceneRef, mask: MaskRef, cfg: DPixelConfig, storage: S
         out.create_array(f"sar_{orbit}_doy", data=day_of_year(sc[f"s1_{orbit}_dates"][:]))
 
     block = max(SHARD_PX, c)
+    strip = min(c, h)  # rows of whole output chunks written at once (bounds zarr's copies)
     valid_sum = 0
     for y in range(0, h, block):
         for x in range(0, w, block):
             check_stop(f"d-pixels of tile {tile.id}")
             win = (slice(y, y + block), slice(x, x + block))
-            if t:
+            if t:  # every kept date of the block, offset removed in place
                 dn = sc["s2_bands"].get_orthogonal_selection((keep, *win, slice(None)))
-                bands[(slice(None), *win)] = remove_offset(dn, offset)
+                _write_strips(bands, remove_offset(dn, offset, out=dn), y, x, strip)
+                del dn
                 m = mk["valid"].get_orthogonal_selection((keep, *win))
-                masks[(slice(None), *win)] = m
-                valid_sum += int(m.sum())
+                _write_strips(masks, m, y, x, strip)
+                valid_sum += int(np.count_nonzero(m))
             for orbit in ORBITS:
                 if sar[orbit].shape[0]:
-                    lin = sc[f"s1_{orbit}"][(slice(None), *win)]
-                    sar[orbit][(slice(None), *win)] = encode_s1(lin)
+                    code = _encode_s1_dates(sc[f"s1_{orbit}"][(slice(None), *win)])
+                    _write_strips(sar[orbit], code, y, x, strip)
     out.attrs.update({
         "tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),
         "year": scene.year, "offset_removed": True, "s2_bands": list(S2_BANDS),

@@ -38,9 +38,9 @@ import zarr
 
 from tasks.acquire import ORBITS
 from tasks.config import EmbeddingConfig, StorageConfig
-from tasks.grid import PIXEL_M, SHARD_PX, Tile, native_mask
+from tasks.grid import PIXEL_M, Tile, native_mask
 from tasks.publish.digest import ATTR as DIGEST_ATTR
-from tasks.publish.digest import SquareDigest
+from tasks.publish.digest import SQUARE, SquareDigest
 from tasks.refs import CheckpointRef, DPixelRef, EmbeddingRef
 from tasks.stop import arm_worker, check_stop
 from tasks.storage import (
@@ -65,6 +65,12 @@ S1_ORBIT_KEY = {"ascending": 0, "descending": 1000}
 """Added to an S1 day of year to make the sampling key of a step (asc/desc may share a DOY)."""
 V1_EMPTY_ORBIT_DOY = 180
 """v1.0 reference: an orbit without any S1 scene is one all-zero step at day 180."""
+STRIP_ROWS = 64
+"""Least rows of a piece of the tile embedded at once. A piece is a run of whole d-pixel chunk
+rows (``dpixels.chunk_px``, so no chunk is read twice) across one 256-px hash square (whole
+chunks when a chunk is wider): with the default 64-px chunks, 64 x 256 pixels of every
+timestep, about 24 MB of S2 for 73 dates, where a whole 256-px block was four times that and
+its copies. At least this many rows, so small chunks do not make many small model calls."""
 
 
 def pixel_ids(tile: Tile, rows: slice, cols: slice) -> np.ndarray:
@@ -182,47 +188,63 @@ def _embed(dp: DPixelRef, ckpt: CheckpointRef, cfg: EmbeddingConfig, seed: int,
     s1_doy = np.concatenate([doys[o] for o in ORBITS]).astype(np.uint16)
     s1_keys = np.concatenate([doys[o].astype(np.int64) + S1_ORBIT_KEY[o] for o in ORBITS])
     s1_desc = np.concatenate([np.full(doys[o].size, o == "descending") for o in ORBITS])
-    block = max(SHARD_PX, c)
+    rows_per, width = max(c, STRIP_ROWS), max(SQUARE, c)  # a piece: whole chunks, squares wide
+    buf = np.empty((rows_per * width, d), np.float32)  # a piece's embeddings, reused
     n_valid = 0
-    for y in range(0, h, block):
-        for x in range(0, w, block):
+    for y in range(0, h, rows_per):
+        for x in range(0, w, width):
             check_stop(what)
-            rows, cols = slice(y, min(h, y + block)), slice(x, min(w, x + block))
+            rows, cols = slice(y, min(h, y + rows_per)), slice(x, min(w, x + width))
             bh, bw = rows.stop - rows.start, cols.stop - cols.start
-            sel = inside[rows, cols].ravel()
-            s2 = np.moveaxis(src["bands"][:, rows, cols, :], 0, 2).reshape(bh * bw, -1, 10)
-            s2_valid = np.moveaxis(src["masks"][:, rows, cols], 0, 2).reshape(bh * bw, -1) > 0
+            n = bh * bw
+            # (T, bh, bw, C) as read; (n, T, C) views of it (bh and bw merge without a copy)
+            raw2 = src["bands"][:, rows, cols, :]
+            s2 = np.moveaxis(raw2, 0, 2).reshape(n, -1, 10)
+            s2_valid = np.moveaxis(src["masks"][:, rows, cols], 0, 2).reshape(n, -1) > 0
             s1 = np.concatenate([
-                np.zeros((bh * bw, 1, 2), np.int16) if dummy[o] else
-                np.moveaxis(src[f"sar_{o}"][:, rows, cols, :], 0, 2).reshape(bh * bw, -1, 2)
+                np.zeros((n, 1, 2), np.int16) if dummy[o] else
+                np.moveaxis(src[f"sar_{o}"][:, rows, cols, :], 0, 2).reshape(n, -1, 2)
                 for o in ORBITS], axis=1)  # fmt: skip
-            s1_valid = (s1 != 0).any(-1)
+            s1_valid = s1.any(-1)
             n2, n1 = s2_valid.sum(1), s1_valid.sum(1)
+            sel = inside[rows, cols].ravel().copy()  # (ravel may be a view of inside)
             sel &= (n2 > 0) | (n1 > 0)  # no observation at all: no-data in every version
             sel &= (n2 >= cfg.min_valid_s2) & (n1 >= cfg.min_valid_s1)  # stricter options
-            if v1_family:
-                sel &= (s2 != 0).any(axis=(1, 2))  # the v1.0 reference skips all-zero S2
-            block_emb = np.full((bh * bw, d), np.nan, dtype=np.float32)
+            if v1_family:  # the v1.0 reference skips all-zero S2 (no full-size temporary)
+                sel &= raw2.any(axis=(0, 3)).ravel()
+            del raw2
+            piece = buf[:n]
+            piece.fill(np.nan)
             idx = np.flatnonzero(sel)
             if idx.size:
+                every = idx.size == n  # all pixels: the views as they are, no gathered copy
+                s2_in, s2v_in = (s2, s2_valid) if every else (s2[idx], s2_valid[idx])
+                s1_in, s1v_in = (s1, s1_valid) if every else (s1[idx], s1_valid[idx])
                 # No lock: concurrent tiles of one process each run on their own share of
                 # the cores (the task set this thread's torch threads, tasks/threads.py).
                 if v1_family:
-                    block_emb[idx] = embed_pixels(
-                        model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_valid[idx],
-                        s1_doy, s1_keys, pixel_ids(tile, rows, cols)[idx], seed=seed,
+                    e = embed_pixels(
+                        model, s2_in, s2v_in, s2_doy, s1_in, s1v_in, s1_doy, s1_keys,
+                        pixel_ids(tile, rows, cols)[idx], seed=seed,
                         batch_size=cfg.batch_size, device=device, compile=cfg.compile,
                         before_batch=lambda: check_stop(what), all_steps_fallback=True,
                         precision=cfg.precision,
                     )
                 else:
-                    block_emb[idx] = embed_pixels_binned(
-                        model, s2[idx], s2_valid[idx], s2_doy, s1[idx], s1_doy, s1_desc,
+                    e = embed_pixels_binned(
+                        model, s2_in, s2v_in, s2_doy, s1_in, s1_doy, s1_desc,
                         batch_size=cfg.batch_size, device=device, bf16=cfg.bf16,
                         before_batch=lambda: check_stop(what), precision=cfg.precision,
                     )
-            emb[rows, cols, :] = block_emb.reshape(bh, bw, d)
-            digest.add(y, x, block_emb.reshape(bh, bw, d))
+                if every:
+                    piece[:] = e
+                else:
+                    piece[idx] = e
+                del s2_in, s2v_in, s1_in, s1v_in, e
+            del s2, s2_valid, s1, s1_valid
+            out_piece = piece.reshape(bh, bw, d)
+            emb[rows, cols, :] = out_piece
+            digest.add(y, x, out_piece)
             n_valid += int(idx.size)
     out.attrs.update({"tile_id": tile.id, "crs": tile.crs, "transform": list(tile.transform),
                       "checkpoint_key": ckpt.key, "model_version": ckpt.model_version,
