@@ -82,8 +82,9 @@ class ModalityEncoder(nn.Module):
 
         Each encoder layer runs through :func:`encoder_layer_cpu`; its large intermediates go
         into ``workspace`` buffers reused across calls of one chunk shape. With ``qweights``
-        (:func:`tessera_model.int8.quantised_weights`, keys under ``prefix``) the dense layers
-        run in int8 with per-row activation scales. Call without autograd, in eval mode.
+        (:func:`tessera_model.int8.cpu_weights`, keys under ``prefix``) the dense layers
+        run in int8 with per-row activation scales, or in float32 through oneDNN with
+        pre-packed weights. Call without autograd, in eval mode.
         """
         ws = {} if workspace is None else workspace
         qw = qweights or {}
@@ -91,15 +92,17 @@ class ModalityEncoder(nn.Module):
         d = self.d_model
         bands = x[..., : self.in_channels].reshape(b * t, self.in_channels)
         lin1, lin2 = self.embedding[0], self.embedding[2]
-        e = torch.addmm(lin1.bias, bands, lin1.weight.t(), out=_buffer(ws, "e1", (b * t, d), x))
-        h = linear(e.relu_(), lin2.weight, lin2.bias, qw.get(f"{prefix}.embedding"), ws=ws)
+        e = linear(bands, lin1.weight, lin1.bias, qw.get(f"{prefix}.embedding_in"),
+                   _buffer(ws, "e1", (b * t, d), x), ws, relu=True)  # fmt: skip
+        pe = doy_encoding_cpu(x[..., self.in_channels], d).view(b * t, d)
+        h = linear(e, lin2.weight, lin2.bias, qw.get(f"{prefix}.embedding"), ws=ws, residual=pe)
         h = h.view(b, t, d)
-        h += doy_encoding(x[..., self.in_channels], d).to(x.dtype)
         for i, layer in enumerate(self.transformer_encoder.layers):
             lq = {k: qw[f"{prefix}.layers.{i}.{k}"] for k in _LAYER_KEYS if qw}
             h = encoder_layer_cpu(layer, h, ws, lq or None)  # type: ignore[arg-type]
         if isinstance(self.attn_pool, TemporalAttentionPooling):
-            return self.attn_pool(h, ws, qw.get(f"{prefix}.gru_in"))
+            rec = (qw.get(f"{prefix}.gru_rz"), qw.get(f"{prefix}.gru_hh2"))
+            return self.attn_pool(h, ws, qw.get(f"{prefix}.gru_in"), rec)
         return self.attn_pool(h)
 
 
@@ -107,6 +110,38 @@ _LAYER_KEYS = ("in_proj", "out_proj", "linear1", "linear2")
 SDPA_MIN_HEAD_DIM = 32
 """Head widths from which fused SDPA beats two batched matmuls around a softmax on CPU
 (measured one thread: head 16 at 40 steps 23 vs 18 GFLOP/s; head 36 at 48 steps 41 vs 49)."""
+DOY_TABLE_MAX = 366
+_DOY_TABLES: dict[int, Tensor] = {}
+
+
+def doy_encoding_cpu(doy: Tensor, d_model: int) -> Tensor:
+    """:func:`doy_encoding` of a CPU inference batch, read from a table of days 0..366.
+
+    The table holds the encoding of each integral day computed once with
+    :func:`doy_encoding` (the same formula; each day's row is the same whatever batch it
+    comes in, and the sines and cosines of a large batch, about 5 % of ``small``'s CPU time,
+    become a gather). Non-integral or out-of-range days are computed directly.
+
+    Args:
+        doy: (..., T) float day of year.
+        d_model: even encoding width.
+
+    Returns:
+        (..., T, d_model) float32.
+    """
+    table = _DOY_TABLES.get(d_model)
+    if table is None:
+        table = _DOY_TABLES[d_model] = doy_encoding(
+            torch.arange(DOY_TABLE_MAX + 1, dtype=torch.float32), d_model
+        )
+    day = doy.to(torch.int64)
+    if day.numel() and (
+        int(day.min()) < 0
+        or int(day.max()) > DOY_TABLE_MAX
+        or not torch.equal(day.to(doy.dtype), doy)
+    ):
+        return doy_encoding(doy, d_model)
+    return table[day]
 
 
 def _buffer(ws: dict, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -162,21 +197,18 @@ def encoder_layer_cpu(
         q, k, v = qkv_h.view(3, b * heads, t, dh).unbind(0)
         scores = _buffer(ws, "scores", (b * heads, t, t), h)
         torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=dh**-0.5, out=scores)
-        a = torch.bmm(
-            torch.softmax(scores, dim=-1, out=scores),
-            v,
-            out=_buffer(ws, "a", (b * heads, t, dh), h),
-        )
+        # softmax into another buffer: torch's in-place CPU softmax runs at half the speed
+        probs = torch.softmax(scores, dim=-1, out=_buffer(ws, "probs", (b * heads, t, t), h))
+        a = torch.bmm(probs, v, out=_buffer(ws, "a", (b * heads, t, dh), h))
         a = a.view(b, heads, t, dh).transpose(1, 2).reshape(b * t, d)
     out_proj = attn.out_proj
-    o = linear(
-        a, out_proj.weight, out_proj.bias, qw.get("out_proj"), _buffer(ws, "o", (b * t, d), h), ws
-    )
-    h = F.layer_norm(o.add_(h), (d,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    o = linear(a, out_proj.weight, out_proj.bias, qw.get("out_proj"),
+               _buffer(ws, "o", (b * t, d), h), ws, residual=h)  # fmt: skip
+    h = F.layer_norm(o, (d,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
     f = linear(
         h, layer.linear1.weight, layer.linear1.bias, qw.get("linear1"),
-        _buffer(ws, "ffn", (b * t, layer.linear1.out_features), h), ws,
-    ).relu_()  # fmt: skip
-    o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o, ws).add_(h)
+        _buffer(ws, "ffn", (b * t, layer.linear1.out_features), h), ws, relu=True,
+    )  # fmt: skip
+    o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o, ws, residual=h)
     o = F.layer_norm(o, (d,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
     return o.view(b, t, d)

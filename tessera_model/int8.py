@@ -39,6 +39,28 @@ class QuantisedWeight:
     bias: Tensor | None  # (N,) float32
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """A float32 ``Linear`` weight in oneDNN's blocked layout (``mkldnn`` tensor) plus bias.
+
+    Packing once per model saves the reorder oneDNN otherwise makes on every call (about 5 %
+    of a GEMM's time, and a fresh weight-sized buffer); the products are bit-identical to those
+    with the plain weight.
+    """
+
+    weight: Tensor  # mkldnn tensor, the (N, K) weight reordered
+    bias: Tensor | None  # (N,) float32
+
+
+def pack_weight(weight: Tensor, bias: Tensor | None) -> PackedWeight:
+    """Reorder a float32 (N, K) weight for oneDNN (:class:`PackedWeight`)."""
+    w = weight.detach().float().contiguous()
+    return PackedWeight(
+        torch.ops.mkldnn._reorder_linear_weight(w),
+        None if bias is None else bias.detach().float().contiguous(),
+    )
+
+
 def quantise_weight(weight: Tensor, bias: Tensor | None) -> QuantisedWeight:
     """Symmetric per-output-channel int8 of a (N, K) weight (an all-zero row gets scale 1)."""
     w = weight.detach().float()
@@ -95,49 +117,131 @@ def int8_linear(
     return torch.addcmul(qw.bias, y, sx, out=y)
 
 
-def linear(x: Tensor, lin_weight: Tensor, lin_bias: Tensor | None, qw: QuantisedWeight | None,
-           out: Tensor | None = None, ws: dict | None = None) -> Tensor:  # fmt: skip
-    """``x @ W.T + b`` in float32 (``qw`` None) or through :func:`int8_linear`."""
-    if qw is not None:
-        return int8_linear(x, qw, out, ws)
-    if lin_bias is None:
-        return torch.mm(x, lin_weight.t(), out=out) if out is not None else x @ lin_weight.t()
-    if out is not None:
-        return torch.addmm(lin_bias, x, lin_weight.t(), out=out)
-    return torch.addmm(lin_bias, x, lin_weight.t())
+def onednn_available() -> bool:
+    """True where torch has oneDNN's fused CPU linear (``torch.ops.mkldnn._linear_pointwise``)."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = bool(
+            torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        )
+    return _ONEDNN
 
 
-def quantised_weights(model: nn.Module) -> dict[str, QuantisedWeight]:
-    """Int8 weights of a TESSERA model's dense layers, cached on the model.
+_ONEDNN: bool | None = None
+USE_ONEDNN = True
+"""Run the float32 dense layers of CPU inference through oneDNN (module :func:`linear`).
 
-    Keys: ``"<backbone>.embedding"``, ``"<backbone>.layers.<i>.{in_proj,out_proj,linear1,
-    linear2}"``, ``"<backbone>.gru_in"`` for ``<backbone>`` in ``s2_backbone``/``s1_backbone``.
-    The cache is rebuilt when any parameter changed (its tensor version or identity).
+torch's own CPU ``addmm`` goes to MKL, which on AMD processors runs its AVX2 kernels: on the
+2-core dev box (AMD EPYC, AVX-512) one thread reaches about 105 GFLOP/s there against about
+240 through oneDNN, which picks its kernels by instruction set (``BENCHMARKS.md``, model
+presets). ``False``: MKL ``addmm`` (the form before; same values to float32 rounding)."""
+
+
+def linear(x: Tensor, lin_weight: Tensor, lin_bias: Tensor | None,
+           qw: QuantisedWeight | PackedWeight | None, out: Tensor | None = None,
+           ws: dict | None = None, *, relu: bool = False,
+           residual: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``x @ W.T + b`` (then ``+ residual``, then ReLU) for CPU inference.
+
+    ``qw`` a :class:`QuantisedWeight`: :func:`int8_linear`. A :class:`PackedWeight`, or float32
+    without autograd on CPU where :func:`onednn_available` (and :data:`USE_ONEDNN`): oneDNN's
+    fused linear (bias, residual and ReLU applied in the GEMM's epilogue; a fresh output).
+    Otherwise ``addmm`` into ``out`` when given. Row ``m`` of the result depends only on row
+    ``m`` of ``x`` (and of ``residual``) for a given shape: no reduction across rows.
     """
-    params = list(model.parameters())
-    stamp = tuple((id(p), p._version) for p in params)
-    cached = getattr(model, "_int8_cache", None)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    out: dict[str, QuantisedWeight] = {}
+    if isinstance(qw, QuantisedWeight):
+        y = int8_linear(x, qw, out, ws)
+        if residual is not None:
+            y.add_(residual)
+        return y.relu_() if relu else y
+    if isinstance(qw, PackedWeight) or (
+        USE_ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu"
+        and not torch.is_grad_enabled() and onednn_available()
+    ):  # fmt: skip
+        w, b = (qw.weight, qw.bias) if isinstance(qw, PackedWeight) else (lin_weight, lin_bias)
+        if residual is not None:
+            y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+            return y.relu_() if relu else y
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "relu" if relu else "none", [], "")
+    if lin_bias is None:
+        y = torch.mm(x, lin_weight.t(), out=out) if out is not None else x @ lin_weight.t()
+    elif out is not None:
+        y = torch.addmm(lin_bias, x, lin_weight.t(), out=out)
+    else:
+        y = torch.addmm(lin_bias, x, lin_weight.t())
+    if residual is not None:
+        y.add_(residual)
+    return y.relu_() if relu else y
+
+
+def _dense_layers(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """(weight, bias) of the dense layers of both backbones, by :func:`cpu_weights` key."""
+    out: dict[str, tuple[Tensor, Tensor | None]] = {}
     for name in ("s2_backbone", "s1_backbone"):
         enc = getattr(model, name)
-        emb = enc.embedding[2]
-        out[f"{name}.embedding"] = quantise_weight(emb.weight, emb.bias)
+        out[f"{name}.embedding_in"] = (enc.embedding[0].weight, enc.embedding[0].bias)
+        out[f"{name}.embedding"] = (enc.embedding[2].weight, enc.embedding[2].bias)
         for i, layer in enumerate(enc.transformer_encoder.layers):
             attn = layer.self_attn
             pre = f"{name}.layers.{i}"
-            out[f"{pre}.in_proj"] = quantise_weight(attn.in_proj_weight, attn.in_proj_bias)
-            out[f"{pre}.out_proj"] = quantise_weight(attn.out_proj.weight, attn.out_proj.bias)
-            out[f"{pre}.linear1"] = quantise_weight(layer.linear1.weight, layer.linear1.bias)
-            out[f"{pre}.linear2"] = quantise_weight(layer.linear2.weight, layer.linear2.bias)
+            out[f"{pre}.in_proj"] = (attn.in_proj_weight, attn.in_proj_bias)
+            out[f"{pre}.out_proj"] = (attn.out_proj.weight, attn.out_proj.bias)
+            out[f"{pre}.linear1"] = (layer.linear1.weight, layer.linear1.bias)
+            out[f"{pre}.linear2"] = (layer.linear2.weight, layer.linear2.bias)
         cell = getattr(getattr(enc.attn_pool, "temporal_context", None), "gru_cell", None)
         if cell is not None:
             w_in = torch.cat([cell.W_ir.weight, cell.W_iz.weight, cell.W_ih.weight], dim=0)
-            b_in = torch.cat([cell.b_r, cell.b_z, cell.b_h])
-            out[f"{name}.gru_in"] = quantise_weight(w_in, b_in)
-    object.__setattr__(model, "_int8_cache", (stamp, out))
+            out[f"{name}.gru_in"] = (w_in, torch.cat([cell.b_r, cell.b_z, cell.b_h]))
+            w_rz = torch.cat([cell.W_hr.weight, cell.W_hz.weight], dim=0)
+            out[f"{name}.gru_rz"] = (w_rz, None)
+            out[f"{name}.gru_hh2"] = (2.0 * cell.W_hh.weight.detach(), None)  # exact doubling
     return out
+
+
+FLOAT_ONLY = ("embedding_in", "gru_rz", "gru_hh2")
+"""Keys that stay float32 (packed for oneDNN) under ``int8-dynamic``: the 10- or 2-channel
+band input map and the GRU recurrence (the module docstring's float32 parts)."""
+
+
+def cpu_weights(
+    model: nn.Module, precision: str = "fp32"
+) -> dict[str, QuantisedWeight | PackedWeight]:
+    """Prepared weights of a TESSERA model's dense layers for CPU inference, cached on it.
+
+    Keys: ``"<backbone>.{embedding_in,embedding}"``, ``"<backbone>.layers.<i>.{in_proj,
+    out_proj,linear1,linear2}"`` and, for GRU pooling, ``"<backbone>.{gru_in,gru_rz,gru_hh2}"``
+    (``gru_hh2``: twice ``W_hh``, for ``tanh(a) = 2 sigmoid(2a) - 1``), for ``<backbone>`` in
+    ``s2_backbone``/``s1_backbone``. ``int8-dynamic``: :class:`QuantisedWeight` except the
+    :data:`FLOAT_ONLY` keys; those and every key of ``fp32`` are :class:`PackedWeight` where
+    :func:`onednn_available` (and :data:`USE_ONEDNN`), else absent (plain float32 ``addmm``).
+    The cache is rebuilt when any parameter changed (its tensor version or identity).
+    """
+    params = list(model.parameters())
+    stamp = (USE_ONEDNN, tuple((id(p), p._version) for p in params))
+    caches = getattr(model, "_cpu_weights_cache", None)
+    if caches is None:
+        caches = {}
+        object.__setattr__(model, "_cpu_weights_cache", caches)
+    cached = caches.get(precision)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    pack = USE_ONEDNN and onednn_available()
+    out: dict[str, QuantisedWeight | PackedWeight] = {}
+    with torch.no_grad():
+        for key, (w, b) in _dense_layers(model).items():
+            if precision == "int8-dynamic" and key.rsplit(".", 1)[-1] not in FLOAT_ONLY:
+                out[key] = quantise_weight(w, b)
+            elif pack:
+                out[key] = pack_weight(w, b)
+    caches[precision] = (stamp, out)
+    return out
+
+
+def quantised_weights(model: nn.Module) -> dict[str, QuantisedWeight | PackedWeight]:
+    """:func:`cpu_weights` for ``int8-dynamic`` (the int8 dense layers)."""
+    return cpu_weights(model, "int8-dynamic")
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+
 import torch
 from torch import Tensor, nn
 
 from tessera_model.backbone import ModalityEncoder
 from tessera_model.errors import SpecError
 from tessera_model.heads import fusion_head
-from tessera_model.int8 import check_precision, quantised_weights
+from tessera_model.int8 import check_precision, cpu_weights
 from tessera_model.spec import ModelSpec
 
 PROJECTOR_PREFIX = "projector."
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 256 << 20
+"""glibc allocator settings made once by CPU inference (:func:`keep_freed_memory`)."""
+_MALLOC_SET: bool | None = None
 CPU_CHUNK_BYTES = 4 << 20
 """Target size of the largest activation of one CPU forward chunk (tokens x max(3d, FFN)
 float32 values): small enough to stay in cache and in the allocator's reused heap (large
@@ -23,13 +31,44 @@ each op is a thread barrier, which on a shared CPU costs far more than the cache
 (``small`` at two threads on the loaded dev box: 512-pixel chunks 2.6x the pixels/s of
 whole batches, 64-pixel chunks 0.3x; one thread: no difference between 64 and 256)."""
 CPU_CHUNK_MIN, CPU_CHUNK_MAX = 8, 512
-CPU_CHUNK_MIN_GRU = 64
+CPU_CHUNK_MIN_GRU = 32
+"""Least chunk of the v1.0 family: each GRU step multiplies the chunk's hidden states by the
+(d, 3d) recurrent weights, and with fewer rows the weights are re-read for too little work.
+32, not more: v1's FFN activation of 64 pixels (42 MB) passes glibc's largest mmap threshold
+(32 MB), so it would be mapped afresh and page-faulted on every layer (v1 one thread, oneDNN:
+62 pixels/s with 16 or 32 rows, 56 with 64)."""
 CPU_CHUNK_MIN_V11 = 16
 """Least chunk of v1.1 (binned: the bin groups are padded to 16 rows anyway)."""
-"""Least chunk of the GRU-pooled families (v1.0, v1.1): each GRU step multiplies the chunk's
-hidden states by the (d, 3d) recurrent weights, and with fewer rows the weights are re-read
-for too little work (v1 at one thread: 90 % of the matmul peak with 8 rows, 94-98 % with 32 to
-128); 64 also halves the parallel regions per pixel against 32 when several threads run."""
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed activation buffers instead of mapping fresh pages (once).
+
+    The fused oneDNN layers of CPU inference return fresh multi-MB outputs. glibc maps each
+    allocation above its mmap threshold afresh (and returns the top of its heap to the system
+    above its trim threshold), so every layer of every chunk page-faults its output in again:
+    23 % of ``small``'s CPU time in the kernel on the dev box. This raises the thresholds to
+    :data:`MALLOC_MMAP_THRESHOLD` (glibc's largest) and :data:`MALLOC_TRIM_THRESHOLD`: such
+    buffers come from the heap and freed ones are reused; the process keeps up to the trim
+    threshold of freed heap mapped. Values only, never results. Left alone where the user set
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES``, and outside
+    glibc. Returns whether the settings are in place.
+    """
+    global _MALLOC_SET
+    if _MALLOC_SET is None:
+        _MALLOC_SET = False
+        user = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+        if platform.libc_ver()[0] == "glibc" and not any(k in os.environ for k in user):
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+                mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+                # M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1 (malloc.h)
+                _MALLOC_SET = bool(mallopt(-3, MALLOC_MMAP_THRESHOLD)) and bool(
+                    mallopt(-1, MALLOC_TRIM_THRESHOLD)
+                )
+            except (OSError, AttributeError):
+                pass
+    return _MALLOC_SET
 
 
 def cpu_chunk_rows(spec: ModelSpec, steps: int, precision: str = "fp32") -> int:
@@ -137,8 +176,9 @@ class TesseraModel(nn.Module):
         if padded != n:
             pad = torch.zeros(padded - n, dtype=torch.long)
             s2, s1 = torch.cat([s2, s2[pad]]), torch.cat([s1, s1[pad]])
+        keep_freed_memory()
         ws: dict = {}
-        qw = quantised_weights(self) if precision == "int8-dynamic" else None
+        qw = cpu_weights(self, precision)  # int8 or oneDNN-packed weights, cached
         if padded == rows:
             return self._encode_cpu(s2, s1, ws, qw)[:n]
         out = torch.empty(padded, self.spec.embed_dim, dtype=s2.dtype)

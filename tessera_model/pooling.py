@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tessera_model.int8 import QuantisedWeight, linear
+from tessera_model.int8 import PackedWeight, QuantisedWeight, linear
+
+Recurrent = tuple[PackedWeight | None, PackedWeight | None]
 
 
 class GRUCell(nn.Module):
@@ -49,8 +51,9 @@ class GRUCell(nn.Module):
         return (1 - z) * h + z * h_tilde
 
     def scan(
-        self, x: Tensor, workspace: dict | None = None, q_in: QuantisedWeight | None = None
-    ) -> Tensor:
+        self, x: Tensor, workspace: dict | None = None,
+        q_in: QuantisedWeight | PackedWeight | None = None, rec: Recurrent | None = None,
+    ) -> Tensor:  # fmt: skip
         """Run the cell over a sequence from h0 = 0.
 
         The input projections of all T steps are one matmul; the Python loop runs over T
@@ -62,7 +65,10 @@ class GRUCell(nn.Module):
             x: (B, T, D).
             workspace: buffers by name and shape reused between inference calls (CPU
                 inference only; ``None``: allocate).
-            q_in: int8 form of the stacked input maps (CPU inference, :mod:`tessera_model.int8`).
+            q_in: int8 or oneDNN-packed form of the stacked input maps (CPU inference,
+                :func:`tessera_model.int8.cpu_weights` key ``gru_in``).
+            rec: oneDNN-packed recurrent maps ``(gru_rz, gru_hh2)`` (CPU inference; ``None``
+                or ``(None, None)``: ``addmm``).
 
         Returns:
             (B, T, H) hidden states after each step.
@@ -75,13 +81,15 @@ class GRUCell(nn.Module):
             key = ("gru_in", (x.shape[0], x.shape[1], 3 * hd))
             if key not in ws or ws[key].dtype != x.dtype:
                 ws[key] = torch.empty(key[1], dtype=x.dtype, device=x.device)
-            gi = ws[key]
-            linear(x.reshape(-1, x.shape[-1]), w_in, b_in, q_in, gi.view(-1, 3 * hd), ws)
+            gi = linear(x.reshape(-1, x.shape[-1]), w_in, b_in, q_in, ws[key].view(-1, 3 * hd), ws)
+            gi = gi.view(key[1])
         else:
             gi = nn.functional.linear(x, w_in, b_in)  # (B, T, 3H): [r | z | h~] input parts
         w_rz_t = torch.cat([self.W_hr.weight, self.W_hz.weight], dim=0).t()
         w_hh_t = self.W_hh.weight.t()
         if not torch.is_grad_enabled() and x.device.type == "cpu":
+            if rec is not None and rec[0] is not None and rec[1] is not None:
+                return _scan_onednn(gi, rec[0], rec[1], hd, ws)
             return _scan_into_buffers(gi, w_rz_t, w_hh_t, hd, ws)
         # Step 0: h = 0, so every hidden-state matmul vanishes.
         z = torch.sigmoid(gi[:, 0, hd : 2 * hd])
@@ -129,6 +137,32 @@ def _scan_into_buffers(gi: Tensor, w_rz_t: Tensor, w_hh_t: Tensor, hd: int, ws: 
     return out
 
 
+def _scan_onednn(gi: Tensor, w_rz: PackedWeight, w_hh2: PackedWeight, hd: int, ws: dict) -> Tensor:
+    """:func:`_scan_into_buffers` with each step's two products through oneDNN.
+
+    ``w_rz``: the stacked ``[W_hr; W_hz]``, ``w_hh2``: ``2 W_hh`` (both packed,
+    :func:`tessera_model.int8.cpu_weights`); the step input is added in the GEMM's epilogue.
+    The h~ pre-activation is doubled before the step loop (``2 gi_h``, exact), so the product
+    gives ``2a`` for ``tanh(a) = 2 sigmoid(2a) - 1`` directly, as the ``addmm`` form does.
+    """
+    b, steps = gi.shape[0], gi.shape[1]
+    fused = torch.ops.mkldnn._linear_pointwise.binary
+    key = ("gru_out", (b, steps, hd))
+    if key not in ws or ws[key].dtype != gi.dtype:
+        ws[key] = torch.empty(key[1], dtype=gi.dtype, device=gi.device)
+    out = ws[key]
+    gh2 = gi[:, :, 2 * hd :].mul(2.0)  # (B, T, H): 2 x the h~ input part
+    rz = torch.sigmoid(gi[:, 0, hd : 2 * hd])  # z of step 0 (h0 = 0)
+    torch.mul(rz, torch.tanh(gi[:, 0, 2 * hd :]), out=out[:, 0])
+    for t in range(1, steps):
+        h = out[:, t - 1]
+        rz = fused(h, gi[:, t, : 2 * hd], w_rz.weight, None, "add").sigmoid_()
+        h_tilde = fused(rz[:, :hd] * h, gh2[:, t], w_hh2.weight, None, "add")
+        h_tilde.sigmoid_().mul_(2.0).sub_(1.0)  # tanh(a) = 2 sigmoid(2a) - 1
+        torch.lerp(h, h_tilde, rz[:, hd:], out=out[:, t])
+    return out
+
+
 class TemporalContext(nn.Module):
     """Wraps :class:`GRUCell` under the key prefix ``temporal_context.gru_cell``."""
 
@@ -137,10 +171,11 @@ class TemporalContext(nn.Module):
         self.gru_cell = GRUCell(d_model, d_model)
 
     def forward(
-        self, x: Tensor, workspace: dict | None = None, q_in: QuantisedWeight | None = None
-    ) -> Tensor:
+        self, x: Tensor, workspace: dict | None = None,
+        q_in: QuantisedWeight | PackedWeight | None = None, rec: Recurrent | None = None,
+    ) -> Tensor:  # fmt: skip
         """x (B, T, D) -> GRU outputs (B, T, D)."""
-        return self.gru_cell.scan(x, workspace, q_in)
+        return self.gru_cell.scan(x, workspace, q_in, rec)
 
 
 class TemporalAttentionPooling(nn.Module):
@@ -156,21 +191,23 @@ class TemporalAttentionPooling(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model)
 
     def forward(
-        self, x: Tensor, workspace: dict | None = None, q_in: QuantisedWeight | None = None
-    ) -> Tensor:
+        self, x: Tensor, workspace: dict | None = None,
+        q_in: QuantisedWeight | PackedWeight | None = None, rec: Recurrent | None = None,
+    ) -> Tensor:  # fmt: skip
         """Pool transformer outputs.
 
         Args:
             x: (B, T, D) transformer outputs.
             workspace: CPU inference buffers (:meth:`GRUCell.scan`).
-            q_in: int8 GRU input maps (:meth:`GRUCell.scan`).
+            q_in: int8 or packed GRU input maps (:meth:`GRUCell.scan`).
+            rec: packed GRU recurrent maps (:meth:`GRUCell.scan`).
 
         Returns:
             (B, D) weighted sum over T; for T = 1 the single step itself.
         """
         if x.shape[1] == 1:
             return x[:, 0]
-        context = self.temporal_context(x, workspace, q_in)
+        context = self.temporal_context(x, workspace, q_in, rec)
         scores = self.query(self.layer_norm(context))  # (B, T, 1)
         # softmax in at least float32 (bf16 autocast), float64 stays float64
         weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=1)
