@@ -12,7 +12,8 @@ one thread per tile, without Prefect (so the stages' own memory shows). A sample
 reads the process's RSS every 5 ms and keeps, per stage, the highest RSS seen while that
 stage ran in some thread; the report gives the fixed footprint (after imports, after the
 model load), the peak and the stage(s) running at the peak, and each stage's peak above the
-fixed footprint, with each stage's CPU seconds (thread CPU clock, summed over tiles).
+fixed footprint, with each stage's CPU seconds (1 tile: the process's CPU clock, so Zarr's
+codec threads count; several tiles: the stage thread's own CPU clock only, summed).
 
 ``--tracemalloc`` (1 tile only, sequential) adds each stage's peak of traced Python/numpy
 allocations (tracemalloc; torch's own allocations are not traced), which names a stage's
@@ -92,10 +93,11 @@ def stage(tid, name, fn):
         running[tid] = name
     if tracing:
         tracemalloc.reset_peak()
-    c0 = time.thread_time()
+    clock = time.process_time if n == 1 else time.thread_time
+    c0 = clock()
     out = fn()
     with lock:
-        cpu[name] += time.thread_time() - c0
+        cpu[name] += clock() - c0
         del running[tid]
     if tracing:
         traced[name] = max(traced[name], tracemalloc.get_traced_memory()[1] / 2**20)
@@ -171,7 +173,8 @@ def main() -> None:
                   f"model load {r['model']:.0f}; peak {r['peak']:.0f} (ru_maxrss "
                   f"{r['maxrss']:.0f}) while {', '.join(r['at_peak']) or '-'} ran; wall "
                   f"{r['wall']:.1f} s")
-            print("| stage | peak RSS MB | above the fixed footprint MB | CPU s (all tiles) |"
+            print("| stage | peak RSS MB | above the fixed footprint MB | "
+                  + ("process CPU s |" if n == 1 else "thread CPU s (all tiles) |")
                   + (" traced peak MB |" if r["traced"] else ""))
             print("|---|---|---|---|" + ("---|" if r["traced"] else ""))
             for s, p in r["stage_peak"].items():
