@@ -187,3 +187,104 @@ def test_precision_is_fp32_by_default_and_checked(tile_pixels: TilePixels) -> No
     x2, x1 = _inputs(4, 40, 40)
     with pytest.raises(SpecError, match="precision"):
         model.encode(x2, x1, "int8-dynamic")  # autograd on: not an inference call
+
+
+# ---- oneDNN float32 path, packed weights, exp2 softmax, DOY table (issue 11 item 2) -----------
+
+
+@pytest.mark.parametrize("preset", ["small", "v2-nano", "v1.1"])
+def test_onednn_path_matches_the_addmm_path(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN GEMMs (fused bias/residual/ReLU, packed weights) vs MKL addmm: float rounding."""
+    from tessera_model import int8
+
+    if not int8.onednn_available():
+        pytest.skip("torch without oneDNN linear")
+    spec = ModelSpec.preset(preset)
+    model = _model(spec)
+    t = 40 if spec.family == "v1.0" else 24
+    x2, x1 = _inputs(37, t, t + 8, seed=2)
+    with torch.inference_mode():
+        fast = model.encode(x2, x1)
+        monkeypatch.setattr(int8, "USE_ONEDNN", False)
+        plain = model.encode(x2, x1)
+    assert not torch.equal(fast, plain) or preset == "small"  # another GEMM (small: same bits)
+    assert float((fast - plain).abs().max()) <= 2e-6 * max(1.0, float(plain.abs().max()))
+
+
+def test_packed_weights_follow_parameter_changes() -> None:
+    """The per-model cache of packed/int8 weights is rebuilt when a parameter changes."""
+    spec = ModelSpec.preset("small")
+    model = _model(spec)
+    x2, x1 = _inputs(8, 40, 40, seed=3)
+    with torch.inference_mode():
+        before = model.encode(x2, x1)
+        before_q = model.encode(x2, x1, "int8-dynamic")
+    with torch.no_grad():
+        model.s2_backbone.transformer_encoder.layers[0].linear1.weight.mul_(1.5)
+        model.s1_backbone.attn_pool.temporal_context.gru_cell.W_hh.weight.mul_(0.5)
+    fresh = _model(spec)
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        after, want = model.encode(x2, x1), fresh.encode(x2, x1)
+        after_q = model.encode(x2, x1, "int8-dynamic")
+    assert not torch.equal(after, before) and torch.equal(after, want)
+    assert not torch.equal(after_q, before_q)
+
+
+def test_softmax_exp2_matches_softmax_and_guards_its_range() -> None:
+    from tessera_model.backbone import LOG2E, softmax_exp2
+
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(64, 40, 40, generator=g)
+    out = torch.empty_like(x)
+    got = softmax_exp2(x * LOG2E, out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, torch.softmax(x, -1), atol=1e-7, rtol=2e-6)
+    for shift in (200.0, -200.0):  # exp2 alone would overflow / vanish: the max is subtracted
+        y = x.clone()
+        y[5] += shift
+        got = softmax_exp2(y * LOG2E, torch.empty_like(y))
+        assert torch.isfinite(got).all()
+        # scores near 300 (base 2) carry a rounding of 300 x 2^-24 from their scaling: ~2e-5
+        want = torch.softmax(y.double(), -1).float()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=4e-5)
+        torch.testing.assert_close(got[:5], want[:5], atol=1e-7, rtol=2e-6)
+
+
+def test_doy_table_matches_the_formula() -> None:
+    from tessera_model.backbone import doy_encoding_cpu
+    from tessera_model.encoding import doy_encoding
+
+    doy = torch.tensor([[0.0, 1.0, 180.0, 365.0, 366.0]])
+    torch.testing.assert_close(doy_encoding_cpu(doy, 64), doy_encoding(doy, 64), atol=1e-6, rtol=0)
+    odd = torch.tensor([[1.5, 400.0]])  # not in the table: computed
+    assert torch.equal(doy_encoding_cpu(odd, 64), doy_encoding(odd, 64))
+    a = doy_encoding_cpu(torch.tensor([[7.0]]), 144)
+    b = doy_encoding_cpu(torch.tensor([[3.0, 7.0, 9.0]]), 144)
+    assert torch.equal(a[0, 0], b[0, 1])  # a day's row never depends on the batch
+
+
+def test_quantise_rows_scale_is_the_row_max_abs() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 70, generator=g)
+    x[3] = -x[3].abs()  # a row whose largest magnitude is negative
+    _, s = quantise_rows(x)
+    want = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True) / 127.0
+    assert torch.equal(s, want)
+
+
+def test_transformer_pieces_of_a_gru_chunk_change_nothing_but_rounding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GRU-pooled chunk runs its transformer in pieces; one piece gives the same to 1e-6."""
+    from tessera_model import backbone
+
+    spec = ModelSpec.preset("small")
+    model = _model(spec)
+    rows = cpu_chunk_rows(spec, 40)
+    x2, x1 = _inputs(rows, 40, 40, seed=4)
+    with torch.inference_mode():
+        pieces = model.encode(x2, x1)
+        monkeypatch.setattr(backbone, "TRANSFORMER_CHUNK_BYTES", 1 << 40)
+        whole = model.encode(x2, x1)
+    assert float((pieces - whole).abs().max()) <= 1e-6 * max(1.0, float(whole.abs().max()))
