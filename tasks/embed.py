@@ -1,8 +1,9 @@
 """Embedding generation: the frozen encoder over every pixel of a tile.
 
-Reads a tile's d-pixels block by block (every timestep of a square of pixels), draws each
-pixel's temporal sample from a counter-based hash of (seed, global pixel id, day of year), so
-a pixel's embedding does not depend on batch size, block or tile split, and writes float32
+Reads a tile's d-pixels piece by piece (every timestep of a strip of whole chunk rows one
+256-px square wide, :data:`STRIP_ROWS`), draws each pixel's temporal sample from a
+counter-based hash of (seed, global pixel id, day of year), so a pixel's embedding does not
+depend on batch size, piece or tile split, and writes float32
 embeddings (H, W, 128) with NaN rows for no-data pixels: outside the tile's own UTM zone
 band (native-UTM rule), not covered by the model version's reference coverage rule, or with
 fewer valid observations than a stricter configured minimum.

@@ -6,8 +6,8 @@ every :data:`SQUARE` x :data:`SQUARE` square of the float32 (H, W, B) array (edg
 clipped to the tile), squares in row-major order, each square's bytes in C order.
 
 A hash of square hashes, because each producer meets the data in its own pieces: the embed
-stage embeds a tile one 256 x 256 block at a time (:func:`tasks.embed.embed_tile` hashes
-each block as it is made and stores the digest in the embedding's attributes), and
+stage embeds a tile in strips of rows one square wide (:func:`tasks.embed.embed_tile` hashes
+each strip as it is made and stores the digest in the embedding's attributes), and
 publishing reads strips of chunk rows up to four shards wide (:mod:`tasks.publish.write`
 hashes them as they arrive when the attribute is absent). Each square is hashed from rows
 in order, the squares in any order, so neither holds more than it already does and nothing
