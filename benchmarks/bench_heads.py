@@ -14,11 +14,19 @@ regression (ridge for height) fitted on k labelled parcels per class:
   steps, a plateau stop after ``--patience`` validations without a 1 % gain; 0: run every
   step); its CPU time, loss curve and validation curve are reported.
 
-Embeddings are computed at the sampled pixels only (float, not the int8 store: this isolates
-what the encoder learned from quantisation). Run:
+Embeddings are computed at the sampled pixels by the encoder, then quantised to int8 and
+dequantised with the published rule (:func:`tessera_model.quantise.quantise`, per-pixel
+scale), so the head sees what the store holds; ``trained_float`` is the trained encoder's
+float output before quantisation (to separate quantisation from what the encoder learned).
+Every feature set goes through the same head (standardisation, then the configured head).
+Run:
 
     python benchmarks/bench_heads.py --tiles 4 --worlds default hard --steps 0
-    python benchmarks/bench_heads.py --tiles 4 --worlds hard --steps 600
+    OMP_NUM_THREADS=1 python benchmarks/bench_heads.py --tiles 4 --worlds hard --steps 800 \
+        --set pixels_per_tile=65536 --targets land_cover
+
+(one torch thread: on a shared 2-core box two threads spin-wait and cost about 2.5x the CPU
+time per training step). ``--head KEY=VALUE`` sets a head field (e.g. ``--head c=0.1``).
 
 ``--world KEY=VALUE`` sets a synthetic-world knob on top of the preset (e.g.
 ``--world edge_mixing=1``); ``--set KEY=VALUE`` a training field (e.g. ``--set
@@ -77,7 +85,8 @@ def samples_of(labels, epsg: int) -> Samples:  # noqa: ANN001
 
 def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[int],
               seeds: int, knobs: dict | None = None, training: dict | None = None,
-              targets: tuple[str, ...] = ("land_cover", "canopy_height")) -> dict:
+              targets: tuple[str, ...] = ("land_cover", "canopy_height"),
+              head: HeadConfig | None = None) -> dict:
     st = StorageConfig(output_uri=str(root / f"out-{world}"), work_uri=str(root / f"work-{world}"))
     source = SourceConfig(synthetic=SyntheticWorldConfig(difficulty=world, **(knobs or {})))
     t0 = time.perf_counter()
@@ -89,7 +98,7 @@ def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[in
     t_data = time.perf_counter() - t0
     valid = float(np.mean([d.mean_valid_s2 for d in dps]))
     out: dict = {"world": world, "tiles": len(tiles), "seconds_data": round(t_data, 1),
-                 "mean_valid_s2": round(valid, 1)}
+                 "mean_valid_s2": round(valid, 1), "load_start": _load()}
     spec = ModelSpec.preset("small")
     models = {"random_init": random_init_model(spec, 12345)}
     if steps:
@@ -109,6 +118,8 @@ def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[in
         ckpt = train.train_model(ts, ModelConfig(preset="small"), cfg, 0, st, progress=progress)
         out["train_cpu_s"] = round(time.process_time() - c0, 1)
         out["train_wall_s"] = round(time.perf_counter() - w0, 1)
+        out["load_after_training"] = _load()
+        out["training_pixels"] = ts.n_pixels
         out["loss_curve"] = losses
         import torch
 
@@ -129,7 +140,10 @@ def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[in
         s = samples_of(labels, tiles[0].epsg)
         sets = {"raw": dpixel_features(s, dps, st)}
         for name, m in models.items():
-            sets[name] = encoder_embeddings(s, dps, m.eval(), 0, st)
+            e = encoder_embeddings(s, dps, m.eval(), 0, st)
+            sets[name] = published(e)
+            if name == "trained":
+                sets["trained_float"] = e
         finite = np.all([np.isfinite(v).all(1) for v in sets.values()], axis=0)
         s = s.take(finite)
         sets = {k: v[finite] for k, v in sets.items()}
@@ -139,11 +153,27 @@ def run_world(world: str, tiles: list[Tile], steps: int, root: Path, ks: list[in
                 test |= (s.x >= t.x0) & (s.x < t.x1)
         if "trained" in sets:  # the headline set first
             sets = {"trained": sets.pop("trained"), **sets}
-        rep = label_efficiency(sets, s, test, HeadConfig(kind="linear"), ks=ks, seeds=seeds)
+        rep = label_efficiency(sets, s, test, head or HeadConfig(kind="linear"), ks=ks,
+                               seeds=seeds)
         out[target] = rep.model_dump()
         print(f"\n### {world} world, {target}\n\n{report_markdown(rep)}", flush=True)
     out["seconds_total"] = round(time.perf_counter() - t0, 1)
+    out["load_end"] = _load()
     return out
+
+
+def published(e: np.ndarray) -> np.ndarray:
+    """What the store holds for these embeddings: int8 with a per-pixel scale, dequantised."""
+    from tessera_model.quantise import dequantise, quantise
+
+    q, scale = quantise(e)
+    return dequantise(q, scale)
+
+
+def _load() -> list[float]:
+    import os
+
+    return [round(v, 2) for v in os.getloadavg()]
 
 
 def zarr_attrs(uri: str) -> dict:
@@ -170,10 +200,13 @@ def main() -> None:
     ap.add_argument("--world", nargs="*", default=[], help="Synthetic-world knobs KEY=VALUE.")
     ap.add_argument("--set", nargs="*", default=[], help="TrainingConfig fields KEY=VALUE.")
     ap.add_argument("--targets", nargs="+", default=["land_cover", "canopy_height"])
+    ap.add_argument("--head", nargs="*", default=[],
+                    help="HeadConfig fields KEY=VALUE (default: the linear head).")
     a = ap.parse_args()
     tiles = [Tile(zone=31, south=False, x0=X0 + 2560 * i, y0=Y0, size_px=256) for i in range(a.tiles)]
     results = [run_world(w, tiles, a.steps, Path(a.root), a.ks, a.seeds, _kv(a.world),
-                         _kv(a.set), tuple(a.targets)) for w in a.worlds]
+                         _kv(a.set), tuple(a.targets),
+                         HeadConfig(**{"kind": "linear", **_kv(a.head)})) for w in a.worlds]
     for r in results:
         print(json.dumps({k: v for k, v in r.items() if k not in ("land_cover", "canopy_height")}))
     if a.json:
