@@ -17,7 +17,7 @@ from tessera_model.spec import ModelSpec
 
 PROJECTOR_PREFIX = "projector."
 MALLOC_MMAP_THRESHOLD = 32 << 20
-MALLOC_TRIM_THRESHOLD = 256 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
 """glibc allocator settings made once by CPU inference (:func:`keep_freed_memory`)."""
 _MALLOC_SET: bool | None = None
 CPU_CHUNK_BYTES = 4 << 20
