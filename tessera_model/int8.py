@@ -15,7 +15,11 @@ row's result depends only on that row, so a pixel's embedding is the same whatev
 share its batch (the project's rule: bit-identical whatever the batch size or tile split).
 Attention scores, softmax, LayerNorm, the GRU recurrence and the fusion head stay float32.
 Accuracy against the float32 path: cosine >= 0.999 per pixel is tested
-(``tests/model/test_int8.py``); speed in ``BENCHMARKS.md``.
+(``tests/model/test_cpu_inference.py``); speed in ``BENCHMARKS.md``.
+
+The float32 dense layers of CPU inference are here too (:func:`linear`, :func:`cpu_weights`):
+oneDNN GEMMs with weights packed once per model and bias, residual and ReLU fused
+(:data:`USE_ONEDNN`), the GRU recurrent maps included, in both precisions.
 """
 
 from __future__ import annotations
