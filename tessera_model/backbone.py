@@ -91,7 +91,8 @@ class ModalityEncoder(nn.Module):
         b, t, _ = x.shape
         d = self.d_model
         per_pixel = t * max(3 * d, self.transformer_encoder.layers[0].linear1.out_features) * 4
-        sub = min(b, 1 << max(0, (TRANSFORMER_CHUNK_BYTES // per_pixel).bit_length() - 1))
+        fit = 1 << max(0, (TRANSFORMER_CHUNK_BYTES // per_pixel).bit_length() - 1)
+        sub = min(b, max(TRANSFORMER_MIN_ROWS, fit))
         if b % sub:
             sub = b
         if sub == b:
@@ -131,6 +132,9 @@ TRANSFORMER_CHUNK_BYTES = 4 << 20
 pixel) runs its transformer layers in pieces of this size, whose fresh GEMM outputs stay in
 cache and in reused heap (``small`` one thread: a (2560, 256) FFN product 0.37 ms, a
 (10240, 256) one 1.6-2.0 ms)."""
+TRANSFORMER_MIN_ROWS = 32
+"""Least pixels of such a piece: wide layers need enough rows per GEMM to pay for reading
+their weights (v1 one thread: 58 pixels/s in 4-pixel pieces, 63 in whole 32-pixel chunks)."""
 SDPA_MIN_HEAD_DIM = 128
 """Head widths from which fused SDPA beats two batched matmuls around a softmax on CPU (one
 thread, per attention call: head 16 x 40 steps 0.78 vs 1.20 ms, 36 x 56 1.16 vs 1.27, 64 x 56
