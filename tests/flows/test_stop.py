@@ -51,9 +51,16 @@ def test_check_stop_raises_after_a_request() -> None:
     check_stop()
 
 
+def _terminal_signals() -> None:  # runs in the child before exec
+    # As under a terminal: a test run started in the background of a non-interactive shell
+    # (nohup, `cmd &` in a CI script) has SIGINT ignored, and children inherit that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _child(code: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_terminal_signals)
 
 
 _LOOP = """
@@ -208,7 +215,8 @@ def _build(env: dict[str, str], root: Path, log: Path, *sets: str) -> subprocess
            "--work", str(root / "work"), "--output", str(root / "out")]
     for s in sets:
         cmd += ["--set", s]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,
+                            preexec_fn=_terminal_signals)
 
 
 def _stop(p: subprocess.Popen, sig: int) -> float:
