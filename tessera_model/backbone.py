@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from tessera_model import cpu_kernels
 from tessera_model.attention_pooling import QueryAttentionPooling
 from tessera_model.encoding import doy_encoding
 from tessera_model.errors import InputShapeError
@@ -205,6 +206,28 @@ def _buffer(ws: dict, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor
     return buf
 
 
+USE_ATTENTION_KERNEL = True
+"""Run the attention of CPU inference through the compiled kernel
+(:func:`tessera_model.cpu_kernels.attention`) where it is available; ``False``: torch's ops."""
+
+
+def use_attention_kernel(qkv: Tensor) -> bool:
+    """True when :func:`encoder_layer_cpu` runs its attention through the compiled kernel."""
+    return (
+        USE_ATTENTION_KERNEL and qkv.dtype == torch.float32 and qkv.device.type == "cpu"
+        and qkv.is_contiguous() and cpu_kernels.available()
+    )  # fmt: skip
+
+
+def _layer_norm_cpu(x: Tensor, norm: nn.LayerNorm, out: Tensor) -> Tensor:
+    """``norm(x)`` of (rows, d) float32 rows into ``out``: the compiled kernel
+    (:func:`tessera_model.cpu_kernels.layer_norm`) where :func:`use_attention_kernel` holds for
+    ``x``, else torch's (then ``out`` is not used)."""
+    if use_attention_kernel(x):
+        return cpu_kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, out)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def encoder_layer_cpu(
     layer: nn.TransformerEncoderLayer, x: Tensor, ws: dict | None = None,
     qweights: dict[str, QuantisedWeight] | None = None,
@@ -212,8 +235,10 @@ def encoder_layer_cpu(
     """Inference forward of a post-LN ReLU encoder layer on CPU (no dropout, no mask).
 
     The math of :class:`torch.nn.TransformerEncoderLayer` in eval mode: one QKV GEMM over
-    all tokens, attention (fused SDPA on strided views of the QKV output for heads of at
-    least :data:`SDPA_MIN_HEAD_DIM`; else scaled ``baddbmm``, :func:`softmax_exp2`, ``bmm``),
+    all tokens, attention (the compiled kernel, :func:`tessera_model.cpu_kernels.attention`,
+    where :func:`use_attention_kernel`; else fused SDPA on strided views of the QKV output for
+    heads of at least :data:`SDPA_MIN_HEAD_DIM`, or scaled ``baddbmm``, :func:`softmax_exp2`,
+    ``bmm``),
     output projection with the residual added in its epilogue, LayerNorm, FFN (GEMM with
     fused ReLU, GEMM with the residual), LayerNorm; the GEMMs through
     :func:`tessera_model.int8.linear` (oneDNN, int8, or ``addmm``). The large intermediates
@@ -242,7 +267,9 @@ def encoder_layer_cpu(
         h, attn.in_proj_weight, attn.in_proj_bias, qw.get("in_proj"),
         _buffer(ws, "qkv", (b * t, 3 * d), h), ws,
     )  # fmt: skip
-    if dh >= SDPA_MIN_HEAD_DIM:
+    if use_attention_kernel(qkv):
+        a = cpu_kernels.attention(qkv, b, t, heads, dh, _buffer(ws, "a_tok", (b * t, d), h))
+    elif dh >= SDPA_MIN_HEAD_DIM:
         q, k, v = qkv.view(b, t, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, d)
     else:
@@ -258,11 +285,11 @@ def encoder_layer_cpu(
     out_proj = attn.out_proj
     o = linear(a, out_proj.weight, out_proj.bias, qw.get("out_proj"),
                _buffer(ws, "o", (b * t, d), h), ws, residual=h)  # fmt: skip
-    h = F.layer_norm(o, (d,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    h = _layer_norm_cpu(o, layer.norm1, _buffer(ws, "ln1", (b * t, d), o))
     f = linear(
         h, layer.linear1.weight, layer.linear1.bias, qw.get("linear1"),
         _buffer(ws, "ffn", (b * t, layer.linear1.out_features), h), ws, relu=True,
     )  # fmt: skip
     o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o, ws, residual=h)
-    o = F.layer_norm(o, (d,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    o = _layer_norm_cpu(o, layer.norm2, torch.empty_like(o))  # fresh: the layer's output
     return o.view(b, t, d)

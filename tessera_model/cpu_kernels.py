@@ -1,0 +1,299 @@
+"""Compiled CPU kernels of inference, built on first use with the machine's C compiler.
+
+Two kernels (``kernels/*.c``): the fused self-attention of an encoder layer
+(:func:`attention`) and LayerNorm (:func:`layer_norm`). torch's CPU attention for TESSERA's short sequences (T = 8-256 tokens) and narrow heads
+(16-110 wide) runs two batched matrix products through MKL (AVX2 kernels on AMD processors,
+30-65 GFLOP/s on the dev box at one thread) around a softmax that reads and writes the whole
+score tensor twice, plus two head-major copies; the kernel keeps one (pixel, head) in the
+first-level cache and reaches 60-140 GFLOP/s there (``BENCHMARKS.md``). torch's LayerNorm
+runs its AVX2 code on this CPU, several times slower than the kernel on rows of 64-640.
+
+Build: ``$CC`` (default ``cc``) ``-O3 -march=native -shared -fPIC``, once per sources, compiler
+and CPU, into ``$TESSERA_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/tessera-factory/kernels``,
+else ``~/.cache/tessera-factory/kernels``); about a second. The library is checked against
+torch on a small input before first use. Without a compiler, on a failed build or check, or with
+``TESSERA_CPU_KERNELS=0``, :func:`available` is False and callers use the torch path (the same
+values to float32 rounding, about 1e-6; a different binary gives different low bits, as any
+change of BLAS kernel does).
+
+The kernels run single-threaded per call; the wrappers split the pixels (rows) over
+``torch.get_num_threads()`` threads (ctypes releases the GIL). Each pixel's (row's) result
+depends only on its own rows, so the split never changes a bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+SOURCES = ("attention.c", "layernorm.c")
+HEADERS = ("vec.h",)
+CFLAGS = ("-O3", "-march=native", "-std=gnu11", "-fno-math-errno", "-shared", "-fPIC")
+ENV_SWITCH = "TESSERA_CPU_KERNELS"
+ENV_CACHE = "TESSERA_KERNEL_CACHE"
+MIN_PIXELS_PER_THREAD = 4
+"""Least pixels per thread when :func:`attention` splits a call (below, one thread)."""
+MIN_ROWS_PER_THREAD = 256
+"""Least rows per thread when :func:`layer_norm` splits a call."""
+CHECK_TOLERANCE = 1e-5
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_scratch = threading.local()
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (module docstring)."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tessera-factory" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and instruction-set flags (``-march=native`` depends on them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> list[str]:
+    return (os.environ.get("CC") or "cc").split()
+
+
+def _build() -> Path:
+    """Compile the sources for this machine (or find them built); return the library path."""
+    cc = _compiler()
+    version = subprocess.run(
+        [*cc, "--version"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    texts = [(KERNEL_DIR / name).read_text() for name in (*SOURCES, *HEADERS)]
+    parts = (*texts, version, " ".join(CFLAGS), _cpu_signature())
+    key = hashlib.sha256(b"\0".join(s.encode() for s in parts)).hexdigest()[:20]
+    out = cache_dir() / f"kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run(
+            [*cc, *CFLAGS, "-o", tmp, *(str(KERNEL_DIR / s) for s in SOURCES), "-lm"],
+            capture_output=True, text=True, check=False, timeout=300,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cc)} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: concurrent builders each publish a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.tessera_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_float]
+    lib.tessera_attention.restype = ctypes.c_int
+    lib.tessera_attention_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.tessera_attention_scratch.restype = ctypes.c_int64
+    lib.tessera_layer_norm.argtypes = (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float]
+    )
+    lib.tessera_layer_norm.restype = ctypes.c_int
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+            _tried = True
+            return None
+        try:
+            lib = _load(_build())
+            _check(lib)
+            _lib = lib
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the torch path
+            log.warning("CPU kernels unavailable, using torch's ops: %s", exc)
+            _lib = None
+        _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """True when the compiled kernels are built, loaded and checked (module docstring)."""
+    return _library() is not None
+
+
+def reference_attention(qkv: Tensor, n: int, t: int, heads: int, dh: int) -> Tensor:
+    """The kernel's math in torch (float64 inside): ``(n t, 3 d)`` QKV rows -> ``(n t, d)``."""
+    q, k, v = qkv.double().view(n, t, 3, heads, dh).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(q @ k.transpose(-1, -2) * dh**-0.5, dim=-1) @ v
+    return a.transpose(1, 2).reshape(n * t, heads * dh).to(qkv.dtype)
+
+
+def _check(lib: ctypes.CDLL) -> None:
+    """Compare the built kernels with torch on awkward shapes."""
+    gen = torch.Generator().manual_seed(0)
+    for n, t, heads, dh in ((3, 9, 2, 5), (2, 40, 4, 16), (1, 33, 3, 36), (2, 1, 2, 8)):
+        qkv = torch.randn(n * t, 3 * heads * dh, generator=gen) * 3
+        got = _attention(lib, qkv, n, t, heads, dh, torch.empty(n * t, heads * dh), 1)
+        err = float((got - reference_attention(qkv, n, t, heads, dh)).abs().max())
+        if not err <= CHECK_TOLERANCE:
+            raise RuntimeError(f"attention self-check failed (t={t}, dh={dh}): error {err:.2e}")
+    for rows, d in ((5, 7), (3, 64), (4, 144), (2, 1)):
+        x = torch.randn(rows, d, generator=gen) * 2 + 1
+        w, b = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+        want = torch.nn.functional.layer_norm(x.double(), (d,), w.double(), b.double(), 1e-5)
+        for wb in ((w, b), (None, None)):
+            got = _layer_norm(lib, x, *wb, 1e-5, torch.empty_like(x), 1)
+            ref = want if wb[0] is not None else torch.nn.functional.layer_norm(
+                x.double(), (d,), eps=1e-5)  # fmt: skip
+            err = float((got - ref).abs().max())
+            if not err <= CHECK_TOLERANCE:
+                raise RuntimeError(f"layer_norm self-check failed (d={d}): error {err:.2e}")
+
+
+def _scratch_for(lib: ctypes.CDLL, t: int, dh: int) -> Tensor:
+    need = int(lib.tessera_attention_scratch(t, dh))
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = _scratch.buf = torch.empty(need, dtype=torch.float32)
+    return buf
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size != threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(threads, thread_name_prefix="tessera-kernels")
+            _pool_size = threads
+        return _pool
+
+
+def _split(n: int, parts: int, part: Callable[[int, int], None]) -> None:
+    """Run ``part(i0, i1)`` over ``[0, n)`` in ``parts`` ranges, on the pool when > 1."""
+    if parts <= 1:
+        part(0, n)
+        return
+    bounds = [n * i // parts for i in range(parts + 1)]
+    jobs = [_executor(parts).submit(part, bounds[i], bounds[i + 1]) for i in range(parts)]
+    for job in jobs:
+        job.result()
+
+
+def _attention(lib: ctypes.CDLL, qkv: Tensor, n: int, t: int, heads: int, dh: int,
+               out: Tensor, threads: int) -> Tensor:  # fmt: skip
+    scale = dh**-0.5
+
+    def part(p0: int, p1: int) -> None:
+        scratch = _scratch_for(lib, t, dh)
+        rc = lib.tessera_attention(
+            qkv.data_ptr(), out.data_ptr(), scratch.data_ptr(), p0, p1, t, heads, dh, scale
+        )
+        if rc != 0:
+            raise RuntimeError(f"tessera_attention rejected t={t}, dh={dh}")
+
+    _split(n, max(1, min(threads, n // MIN_PIXELS_PER_THREAD)), part)
+    return out
+
+
+def _layer_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                eps: float, out: Tensor, threads: int) -> Tensor:  # fmt: skip
+    rows, d = x.shape
+    w = 0 if weight is None else weight.data_ptr()
+    b = 0 if bias is None else bias.data_ptr()
+
+    def part(r0: int, r1: int) -> None:
+        if lib.tessera_layer_norm(x.data_ptr(), out.data_ptr(), w, b, r0, r1, d, eps) != 0:
+            raise RuntimeError(f"tessera_layer_norm rejected d={d}")
+
+    _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
+    return out
+
+
+def _library_or_raise() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available (see available())")
+    return lib
+
+
+def _check_f32(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape:
+        raise ValueError(
+            f"Expected {name} float32 contiguous of shape {shape}. Got {t.dtype} "
+            f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (strided)'}."
+        )
+
+
+def attention(
+    qkv: Tensor, n: int, t: int, heads: int, dh: int, out: Tensor | None = None
+) -> Tensor:
+    """Multi-head self-attention of ``n`` pixels from their packed QKV projections.
+
+    Args:
+        qkv: ``(n t, 3 d)`` float32, contiguous, rows ``[q | k | v]`` with heads of ``dh``
+            inside each part (the in-projection's output; ``d = heads dh``).
+        n, t, heads, dh: pixels, tokens per pixel, heads, head width.
+        out: optional ``(n t, d)`` float32 contiguous buffer.
+
+    Returns:
+        ``(n t, d)``: the heads' outputs side by side per token (the out-projection's input),
+        ``softmax(q k^T / sqrt(dh)) v`` per pixel and head.
+
+    Raises:
+        RuntimeError: when the kernels are not :func:`available`.
+    """
+    lib = _library_or_raise()
+    d = heads * dh
+    _check_f32("qkv", qkv, (n * t, 3 * d))
+    out = torch.empty(n * t, d, dtype=torch.float32) if out is None else out
+    _check_f32("out", out, (n * t, d))
+    return _attention(lib, qkv, n, t, heads, dh, out, torch.get_num_threads())
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+               out: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``F.layer_norm(x, (d,), weight, bias, eps)`` of ``(rows, d)`` float32 rows.
+
+    ``out`` may be ``x`` itself (in place). Raises ``RuntimeError`` when the kernels are not
+    :func:`available`.
+    """
+    lib = _library_or_raise()
+    _check_f32("x", x, tuple(x.shape))
+    if x.ndim != 2:
+        raise ValueError(f"Expected x of shape (rows, d). Got {tuple(x.shape)}.")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _check_f32(name, p, (x.shape[1],))
+    out = torch.empty_like(x) if out is None else out
+    _check_f32("out", out, tuple(x.shape))
+    return _layer_norm(lib, x, weight, bias, eps, out, torch.get_num_threads())

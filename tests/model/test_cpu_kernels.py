@@ -1,0 +1,139 @@
+"""The compiled CPU kernels (tessera_model.cpu_kernels): math, independence, build, fallback."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tessera_model import backbone, cpu_kernels
+from tessera_model.backbone import encoder_layer_cpu
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """The module as in a new process, building into an empty cache (restored afterwards)."""
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@needs_cc
+def test_kernels_build_here() -> None:
+    assert cpu_kernels.available()
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    ("n", "t", "heads", "dh"),
+    [(5, 40, 4, 16), (3, 56, 4, 36), (2, 48, 4, 64), (2, 56, 4, 110), (2, 40, 4, 128),
+     (1, 57, 4, 160), (3, 7, 3, 5), (2, 1, 2, 16), (1, 257, 1, 20)],
+)  # fmt: skip
+def test_attention_matches_the_softmax_math(n: int, t: int, heads: int, dh: int) -> None:
+    gen = torch.Generator().manual_seed(t * dh)
+    qkv = torch.randn(n * t, 3 * heads * dh, generator=gen) * 2
+    got = cpu_kernels.attention(qkv, n, t, heads, dh)
+    want = cpu_kernels.reference_attention(qkv, n, t, heads, dh)
+    assert (got - want).abs().max() < 2e-6 * max(1.0, float(want.abs().max()))
+    # against torch's own SDPA too
+    q, k, v = qkv.view(n, t, 3, heads, dh).permute(2, 0, 3, 1, 4)
+    sdpa = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n * t, heads * dh)
+    assert torch.allclose(got, sdpa, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+def test_attention_is_per_pixel_and_thread_independent(monkeypatch: pytest.MonkeyPatch) -> None:
+    n, t, heads, dh = 64, 40, 4, 16
+    qkv = torch.randn(n * t, 3 * heads * dh, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = cpu_kernels.attention(qkv, n, t, heads, dh)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    three = cpu_kernels.attention(qkv, n, t, heads, dh)
+    part = cpu_kernels.attention(qkv[5 * t : 9 * t].contiguous(), 4, t, heads, dh)
+    assert torch.equal(one, three)
+    assert torch.equal(one[5 * t : 9 * t], part)
+
+
+@needs_cc
+def test_attention_rejects_bad_buffers() -> None:
+    qkv = torch.randn(2 * 8, 3 * 4 * 4)
+    with pytest.raises(ValueError, match="qkv float32 contiguous of shape"):
+        cpu_kernels.attention(qkv.double(), 2, 8, 4, 4)
+    with pytest.raises(ValueError, match="qkv float32 contiguous of shape"):
+        cpu_kernels.attention(qkv, 2, 8, 2, 4)
+    with pytest.raises(ValueError, match="out float32"):
+        cpu_kernels.attention(qkv, 2, 8, 4, 4, out=torch.empty(2 * 8, 15))
+
+
+@needs_cc
+@pytest.mark.parametrize("d", [1, 7, 16, 64, 144, 440, 640])
+def test_layer_norm_matches_torch(d: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(300, d, generator=gen) * 3 + 2
+    w, b = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    want = F.layer_norm(x.double(), (d,), w.double(), b.double(), 1e-5).float()
+    got = cpu_kernels.layer_norm(x, w, b, 1e-5)
+    assert (got - want).abs().max() < 1e-5
+    plain = cpu_kernels.layer_norm(x, None, None, 1e-5)
+    assert (plain - F.layer_norm(x.double(), (d,), eps=1e-5).float()).abs().max() < 1e-5
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    y = x.clone()
+    assert torch.equal(cpu_kernels.layer_norm(y, w, b, 1e-5, out=y), got)  # in place, 2 threads
+
+
+@needs_cc
+@pytest.mark.parametrize(("d", "heads", "t"), [(64, 4, 40), (144, 4, 56), (440, 4, 48)])
+def test_encoder_layer_with_kernels_matches_torch_ops(
+    d: int, heads: int, t: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d, heads, 2 * d, 0.0, batch_first=True).eval()
+    x = torch.randn(8, t, d)
+    with torch.inference_mode():
+        fast = encoder_layer_cpu(layer, x, {})
+        monkeypatch.setattr(backbone, "USE_ATTENTION_KERNEL", False)
+        plain = encoder_layer_cpu(layer, x, {})
+        ref = layer(x)
+    assert (fast - plain).abs().max() < 1e-5
+    assert (fast - ref).abs().max() < 1e-5
+
+
+@needs_cc
+def test_build_is_cached_by_source_compiler_and_cpu(fresh_kernels) -> None:
+    assert cpu_kernels.available()
+    built = list(fresh_kernels.glob("kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert cpu_kernels._build() == built[0]  # found, not rebuilt
+    assert built[0].stat().st_mtime_ns == stamp
+    assert not list(fresh_kernels.glob(".kernels-*"))  # no temporary left behind
+
+
+def test_without_a_compiler_inference_falls_back_to_torch(
+    fresh_kernels, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    with caplog.at_level(logging.WARNING, logger="tessera_model.cpu_kernels"):
+        assert not cpu_kernels.available()
+    assert "CPU kernels unavailable" in caplog.text
+    assert not list(fresh_kernels.glob("*.so")) and not list(fresh_kernels.glob(".kernels-*"))
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, 0.0, batch_first=True).eval()
+    x = torch.randn(4, 40, 64)
+    with torch.inference_mode():
+        assert (encoder_layer_cpu(layer, x, {}) - layer(x)).abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_kernels.attention(torch.randn(40, 192), 1, 40, 4, 16)
+
+
+def test_the_switch_turns_the_kernels_off(fresh_kernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not cpu_kernels.available()
+    assert not fresh_kernels.exists()  # nothing built
