@@ -96,6 +96,15 @@ class ModalityEncoder(nn.Module):
         sub = min(b, max(TRANSFORMER_MIN_ROWS, fit))
         if b % sub:
             sub = b
+        pool = self.attn_pool
+        w_rz, w_h = qw.get(f"{prefix}.gru_xrz"), qw.get(f"{prefix}.gru_xh")
+        if isinstance(pool, TemporalAttentionPooling) and t > 1 and w_rz is not None:
+            # small GRU: each piece's outputs go time-major into the scan's buffer
+            xh = pool.scan_buffer(ws, b, t, x)
+            for start in range(0, b, sub):
+                piece = self._transformer_cpu(x[start : start + sub], ws, qw, prefix)
+                xh[:t, start : start + sub, :d] = piece.transpose(0, 1)
+            return pool.forward_time_major(xh, ws, w_rz, w_h)  # type: ignore[arg-type]
         if sub == b:
             h = self._transformer_cpu(x, ws, qw, prefix)
         else:  # the GRU pooling's chunk in cache-sized pieces (same shapes every time)

@@ -197,7 +197,13 @@ def _dense_layers(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
             out[f"{pre}.linear1"] = (layer.linear1.weight, layer.linear1.bias)
             out[f"{pre}.linear2"] = (layer.linear2.weight, layer.linear2.bias)
         cell = getattr(getattr(enc.attn_pool, "temporal_context", None), "gru_cell", None)
-        if cell is not None:
+        if cell is not None and _fused_scan(cell):  # small cells: tessera_model.pooling
+            from tessera_model.pooling import fused_scan_weights
+
+            (w_rz, b_rz), (w_h, b_h) = fused_scan_weights(cell)
+            out[f"{name}.gru_xrz"] = (w_rz, b_rz)
+            out[f"{name}.gru_xh"] = (w_h, b_h)
+        elif cell is not None:
             w_in = torch.cat([cell.W_ir.weight, cell.W_iz.weight, cell.W_ih.weight], dim=0)
             out[f"{name}.gru_in"] = (w_in, torch.cat([cell.b_r, cell.b_z, cell.b_h]))
             w_rz = torch.cat([cell.W_hr.weight, cell.W_hz.weight], dim=0)
@@ -206,9 +212,19 @@ def _dense_layers(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
     return out
 
 
-FLOAT_ONLY = ("embedding_in", "gru_rz", "gru_hh2")
+def _fused_scan(cell: nn.Module) -> bool:
+    """Whether ``cell``'s CPU inference runs :func:`tessera_model.pooling.scan_time_major`."""
+    from tessera_model.pooling import FUSED_SCAN_MAX_DIM
+
+    w = cell.W_ir.weight
+    return max(w.shape) <= FUSED_SCAN_MAX_DIM
+
+
+FLOAT_ONLY = ("embedding_in", "gru_rz", "gru_hh2", "gru_xrz", "gru_xh")
 """Keys that stay float32 (packed for oneDNN) under ``int8-dynamic``: the 10- or 2-channel
-band input map and the GRU recurrence (the module docstring's float32 parts)."""
+band input map and the GRU recurrence (the module docstring's float32 parts; ``gru_xrz`` and
+``gru_xh`` carry the GRU's input maps inside its step GEMMs, so small cells' input maps stay
+float32 too)."""
 
 
 def cpu_weights(
@@ -218,7 +234,9 @@ def cpu_weights(
 
     Keys: ``"<backbone>.{embedding_in,embedding}"``, ``"<backbone>.layers.<i>.{in_proj,
     out_proj,linear1,linear2}"`` and, for GRU pooling, ``"<backbone>.{gru_in,gru_rz,gru_hh2}"``
-    (``gru_hh2``: twice ``W_hh``, for ``tanh(a) = 2 sigmoid(2a) - 1``), for ``<backbone>`` in
+    (``gru_hh2``: twice ``W_hh``, for ``tanh(a) = 2 sigmoid(2a) - 1``), or for cells up to
+    :data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM` wide ``"<backbone>.{gru_xrz,gru_xh}"``
+    (:func:`tessera_model.pooling.fused_scan_weights`), for ``<backbone>`` in
     ``s2_backbone``/``s1_backbone``. ``int8-dynamic``: :class:`QuantisedWeight` except the
     :data:`FLOAT_ONLY` keys; those and every key of ``fp32`` are :class:`PackedWeight` where
     :func:`onednn_available` (and :data:`USE_ONEDNN`), else absent (plain float32 ``addmm``).

@@ -13,6 +13,7 @@ from tessera_model.backbone import ModalityEncoder
 from tessera_model.errors import SpecError
 from tessera_model.heads import fusion_head
 from tessera_model.int8 import check_precision, cpu_weights
+from tessera_model.pooling import FUSED_SCAN_MAX_DIM
 from tessera_model.spec import ModelSpec
 
 PROJECTOR_PREFIX = "projector."
@@ -37,6 +38,13 @@ CPU_CHUNK_MIN_GRU = 32
 32, not more: v1's FFN activation of 64 pixels (42 MB) passes glibc's largest mmap threshold
 (32 MB), so it would be mapped afresh and page-faulted on every layer (v1 one thread, oneDNN:
 62 pixels/s with 16 or 32 rows, 56 with 64)."""
+CPU_CHUNK_MIN_FUSED_GRU = 512
+"""Least chunk of a v1.0-family model whose GRU runs the fused scan
+(:func:`tessera_model.pooling.scan_time_major`, d up to
+:data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM`): its step GEMMs are short, and more rows per
+step pay for their fixed cost (``small``, one stream at one thread: 392 ms per 4096 pixels in
+512-pixel chunks, 417 in 256-pixel ones). The transformer of such a chunk still runs in pieces
+of :data:`tessera_model.backbone.TRANSFORMER_CHUNK_BYTES`."""
 CPU_CHUNK_MIN_V11 = 16
 """Least chunk of v1.1 (binned: the bin groups are padded to 16 rows anyway)."""
 
@@ -89,6 +97,8 @@ def cpu_chunk_rows(spec: ModelSpec, steps: int, precision: str = "fp32") -> int:
     # v1.0 runs whole blocks in one batch; v1.1 runs bin groups (often of a few dozen
     # pixels: a large least chunk would be mostly padding), v2 has no GRU.
     least = {"v1.0": CPU_CHUNK_MIN_GRU, "v1.1": CPU_CHUNK_MIN_V11}.get(spec.family, CPU_CHUNK_MIN)
+    if spec.family == "v1.0" and spec.d_model <= FUSED_SCAN_MAX_DIM:
+        least = CPU_CHUNK_MIN_FUSED_GRU
     return int(min(CPU_CHUNK_MAX, max(least, rows)))
 
 

@@ -163,6 +163,67 @@ def _scan_onednn(gi: Tensor, w_rz: PackedWeight, w_hh2: PackedWeight, hd: int, w
     return out
 
 
+FUSED_SCAN_MAX_DIM = 256
+"""Widest GRU (input and hidden width) whose CPU inference runs :func:`scan_time_major`: for
+small cells each step's GEMMs are short and their count, not their FLOP, sets the cost, so the
+input maps ride inside the step GEMMs (twice the K) and the activations in their epilogues
+(``small``, d 64, one thread: 3.8 ms per 256 pixels in 512-pixel chunks against 5.2 for the
+precomputed-input scan in 256-pixel chunks). From d 512 (v1, v1.1: 32-pixel chunks, weights of
+several MB re-read per step) the doubled K costs more than it saves, and the precomputed input
+map of :meth:`GRUCell.scan` stays (v1 152 vs 154 ms, v1.1 371 vs 349 ms per 256 pixels)."""
+
+
+def fused_scan_weights(cell: GRUCell) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(weight, bias) of the two step maps of :func:`scan_time_major` for ``cell``.
+
+    ``[W_ir W_hr; W_iz W_hz]`` (2H, D + H) with bias ``[b_r; b_z]`` applied to ``[x_t | h]``,
+    and ``[W_ih W_hh]`` (H, D + H) with bias ``b_h`` applied to ``[x_t | r * h]``.
+    """
+    w = cell
+    rz = torch.cat(
+        [torch.cat([w.W_ir.weight, w.W_hr.weight], 1), torch.cat([w.W_iz.weight, w.W_hz.weight], 1)]
+    )
+    hh = torch.cat([w.W_ih.weight, w.W_hh.weight], 1)
+    return (rz.detach(), torch.cat([w.b_r, w.b_z]).detach()), (hh.detach(), w.b_h.detach())
+
+
+def scan_time_major(
+    xh: Tensor, hidden: int, w_rz: PackedWeight, w_h: PackedWeight, ws: dict
+) -> Tensor:
+    """GRU scan (h0 = 0) over a time-major buffer, each step as two fused oneDNN GEMMs.
+
+    ``xh`` (T + 1, B, D + H) holds ``x_t`` in ``xh[t, :, :D]`` (filled by the caller, rows
+    contiguous); step t reads ``[x_t | h_{t-1}] = xh[t]`` and writes ``h_t`` into
+    ``xh[t + 1, :, D:]``. Per step: ``rz = sigmoid([x_t | h] W_rz^T + b)`` (the activation in
+    the GEMM's epilogue), ``r * h`` next to a copy of ``x_t`` in one (B, D + H) buffer,
+    ``h~ = tanh([x_t | r h] W_h^T + b_h)`` (epilogue again), ``h' = lerp(h, h~, z)``: four ops,
+    no strided step slices, no per-step input map. Weights from :func:`fused_scan_weights`
+    (packed, :func:`tessera_model.int8.cpu_weights` keys ``gru_xrz``, ``gru_xh``). The same
+    values as :meth:`GRUCell.scan` to float32 rounding (oneDNN's sigmoid and tanh are within
+    about 1e-7 of torch's); each pixel's result depends only on its own rows for a given B.
+
+    Returns:
+        (T, B, H) view of ``xh`` holding the hidden states after each step.
+    """
+    steps, b, hd = xh.shape[0] - 1, xh.shape[1], hidden
+    dd = xh.shape[2] - hd
+    key = ("gru_xrh", (b, dd + hd))
+    if key not in ws or ws[key].dtype != xh.dtype:
+        ws[key] = torch.empty(key[1], dtype=xh.dtype, device=xh.device)
+    xrh = ws[key]
+    step = torch.ops.mkldnn._linear_pointwise
+    xh[0, :, dd:].zero_()
+    for t in range(steps):
+        row = xh[t]
+        h = row[:, dd:]
+        rz = step(row, w_rz.weight, w_rz.bias, "sigmoid", [], "")
+        xrh[:, :dd].copy_(row[:, :dd])
+        torch.mul(rz[:, :hd], h, out=xrh[:, dd:])
+        h_tilde = step(xrh, w_h.weight, w_h.bias, "tanh", [], "")
+        torch.lerp(h, h_tilde, rz[:, hd:], out=xh[t + 1, :, dd:])
+    return xh[1:, :, dd:]
+
+
 class TemporalContext(nn.Module):
     """Wraps :class:`GRUCell` under the key prefix ``temporal_context.gru_cell``."""
 
@@ -213,3 +274,34 @@ class TemporalAttentionPooling(nn.Module):
         weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=1)
         weights = weights.to(x.dtype)
         return (weights * x).sum(dim=1)
+
+    def scan_buffer(self, ws: dict, batch: int, steps: int, like: Tensor) -> Tensor:
+        """The (T + 1, B, D + H) buffer of :meth:`forward_time_major`; fill ``[:T, :, :D]``."""
+        d = self.layer_norm.normalized_shape[0]
+        key = ("gru_scan", (steps + 1, batch, 2 * d))
+        if key not in ws or ws[key].dtype != like.dtype:
+            ws[key] = torch.empty(key[1], dtype=like.dtype, device=like.device)
+        return ws[key]
+
+    def forward_time_major(
+        self, xh: Tensor, ws: dict, w_rz: PackedWeight, w_h: PackedWeight
+    ) -> Tensor:
+        """CPU inference form of :meth:`forward` for T >= 2 on a time-major buffer.
+
+        Args:
+            xh: :meth:`scan_buffer`, the transformer outputs of step t in ``xh[t, :, :D]``.
+            ws: workspace (buffers reused across chunks).
+            w_rz, w_h: packed :func:`fused_scan_weights` (:func:`scan_time_major`).
+
+        Returns:
+            (B, D) weighted sum over T, the same as :meth:`forward` to float32 rounding.
+        """
+        steps = xh.shape[0] - 1
+        d = self.layer_norm.normalized_shape[0]
+        states = scan_time_major(xh, d, w_rz, w_h, ws)  # (T, B, H), rows of stride D + H
+        ln = self.layer_norm
+        normed = nn.functional.layer_norm(states, (d,), ln.weight, ln.bias, ln.eps)
+        scores = torch.addmm(self.query.bias, normed.view(-1, d), self.query.weight.t())
+        weights = torch.softmax(scores.view(steps, -1).t(), dim=1)  # (B, T)
+        x = xh[:steps, :, :d].transpose(0, 1)  # (B, T, D), strided
+        return torch.bmm(weights.unsqueeze(1), x).squeeze(1)
