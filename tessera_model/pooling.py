@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tessera_model import cpu_kernels
 from tessera_model.int8 import PackedWeight, QuantisedWeight, linear
 
 Recurrent = tuple[PackedWeight | None, PackedWeight | None]
@@ -300,7 +301,17 @@ class TemporalAttentionPooling(nn.Module):
         d = self.layer_norm.normalized_shape[0]
         states = scan_time_major(xh, d, w_rz, w_h, ws)  # (T, B, H), rows of stride D + H
         ln = self.layer_norm
-        normed = nn.functional.layer_norm(states, (d,), ln.weight, ln.bias, ln.eps)
+        if cpu_kernels.available() and xh.dtype == torch.float32:
+            # the compiled LayerNorm on a contiguous copy: 0.37 against 0.94 ms for torch's
+            # on the strided states of a 512-pixel small chunk (one thread)
+            key = ("gru_normed", (steps * xh.shape[1], d))
+            if key not in ws:
+                ws[key] = torch.empty(key[1], dtype=xh.dtype)
+            normed = ws[key]
+            normed.view(states.shape).copy_(states)
+            cpu_kernels.layer_norm(normed, ln.weight, ln.bias, ln.eps, out=normed)
+        else:
+            normed = nn.functional.layer_norm(states, (d,), ln.weight, ln.bias, ln.eps)
         scores = torch.addmm(self.query.bias, normed.view(-1, d), self.query.weight.t())
         weights = torch.softmax(scores.view(steps, -1).t(), dim=1)  # (B, T)
         x = xh[:steps, :, :d].transpose(0, 1)  # (B, T, D), strided
