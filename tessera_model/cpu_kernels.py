@@ -1,7 +1,9 @@
 """Compiled CPU kernels of inference, built on first use with the machine's C compiler.
 
-Two kernels (``kernels/*.c``): the fused self-attention of an encoder layer
-(:func:`attention`) and LayerNorm (:func:`layer_norm`). torch's CPU attention for TESSERA's short sequences (T = 8-256 tokens) and narrow heads
+Kernels (``kernels/*.c``): the fused self-attention of an encoder layer (:func:`attention`),
+LayerNorm (:func:`layer_norm`), and the int8-dynamic path's row quantisation and GEMM epilogue
+(:func:`quantise_rows`, :func:`dequantise`: the values of their torch forms in
+:mod:`tessera_model.int8`, in one pass instead of six to eight). torch's CPU attention for TESSERA's short sequences (T = 8-256 tokens) and narrow heads
 (16-110 wide) runs two batched matrix products through MKL (AVX2 kernels on AMD processors,
 30-65 GFLOP/s on the dev box at one thread) around a softmax that reads and writes the whole
 score tensor twice, plus two head-major copies; the kernel keeps one (pixel, head) in the
@@ -41,8 +43,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("attention.c", "layernorm.c")
+SOURCES = ("attention.c", "layernorm.c", "quant.c")
 HEADERS = ("vec.h",)
+SOURCE_FLAGS = {"quant.c": ("-ffp-contract=off",)}
+"""Per-source flags: the int8 kernels round every product as torch does (``quant.c``)."""
 CFLAGS = ("-O3", "-march=native", "-std=gnu11", "-fno-math-errno", "-shared", "-fPIC")
 ENV_SWITCH = "TESSERA_CPU_KERNELS"
 ENV_CACHE = "TESSERA_KERNEL_CACHE"
@@ -82,6 +86,12 @@ def _compiler() -> list[str]:
     return (os.environ.get("CC") or "cc").split()
 
 
+def _compile(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:1])} failed: {res.stderr.strip()[-2000:]}")
+
+
 def _build() -> Path:
     """Compile the sources for this machine (or find them built); return the library path."""
     cc = _compiler()
@@ -89,7 +99,7 @@ def _build() -> Path:
         [*cc, "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     texts = [(KERNEL_DIR / name).read_text() for name in (*SOURCES, *HEADERS)]
-    parts = (*texts, version, " ".join(CFLAGS), _cpu_signature())
+    parts = (*texts, version, " ".join(CFLAGS), repr(SOURCE_FLAGS), _cpu_signature())
     key = hashlib.sha256(b"\0".join(s.encode() for s in parts)).hexdigest()[:20]
     out = cache_dir() / f"kernels-{key}.so"
     if out.exists():
@@ -98,12 +108,14 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run(
-            [*cc, *CFLAGS, "-o", tmp, *(str(KERNEL_DIR / s) for s in SOURCES), "-lm"],
-            capture_output=True, text=True, check=False, timeout=300,
-        )  # fmt: skip
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cc)} failed: {res.stderr.strip()[-2000:]}")
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as work:
+            objects = []
+            for name in SOURCES:
+                obj = str(Path(work) / f"{name}.o")
+                _compile([*cc, *CFLAGS, *SOURCE_FLAGS.get(name, ()), "-c", "-o", obj,
+                          str(KERNEL_DIR / name)])  # fmt: skip
+                objects.append(obj)
+            _compile([*cc, *CFLAGS, "-o", tmp, *objects, "-lm"])
         os.replace(tmp, out)  # atomic: concurrent builders each publish a whole file
     finally:
         if os.path.exists(tmp):
@@ -121,6 +133,10 @@ def _load(path: Path) -> ctypes.CDLL:
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float]
     )
     lib.tessera_layer_norm.restype = ctypes.c_int
+    lib.tessera_quantise_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.tessera_quantise_rows.restype = ctypes.c_int
+    lib.tessera_dequantise.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 3
+    lib.tessera_dequantise.restype = ctypes.c_int
     return lib
 
 
@@ -177,6 +193,27 @@ def _check(lib: ctypes.CDLL) -> None:
             err = float((got - ref).abs().max())
             if not err <= CHECK_TOLERANCE:
                 raise RuntimeError(f"layer_norm self-check failed (d={d}): error {err:.2e}")
+    _check_quant(lib, gen)
+
+
+def _check_quant(lib: ctypes.CDLL, gen: torch.Generator) -> None:
+    """The int8 kernels give exactly the torch forms' values (module docstring)."""
+    x = torch.randn(6, 37, generator=gen) * 5
+    x[2] = 0.0
+    q, s = torch.empty(6, 37, dtype=torch.int8), torch.empty(6, 1)
+    _quantise_rows(lib, x, q, s, 1)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    s_ref = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q_ref = torch.mul(x, s_ref.reciprocal()).round_().to(torch.int8)
+    if not (torch.equal(q, q_ref) and torch.equal(s, s_ref)):
+        raise RuntimeError("quantise_rows self-check failed: values differ from torch's")
+    acc = torch.randint(-(2**20), 2**20, (6, 21), dtype=torch.int32, generator=gen)
+    sw, b, res = torch.rand(21, generator=gen), torch.randn(21, generator=gen), torch.randn(6, 21)
+    y = torch.empty(6, 21)
+    _dequantise(lib, acc, sw, s, b, res, True, y, 1)
+    y_ref = torch.addcmul(b, acc * sw, s).add_(res).relu_()
+    if not torch.allclose(y, y_ref, rtol=1e-6, atol=1e-6):
+        raise RuntimeError("dequantise self-check failed: values differ from torch's")
 
 
 def _scratch_for(lib: ctypes.CDLL, t: int, dh: int) -> Tensor:
@@ -297,3 +334,58 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     out = torch.empty_like(x) if out is None else out
     _check_f32("out", out, tuple(x.shape))
     return _layer_norm(lib, x, weight, bias, eps, out, torch.get_num_threads())
+
+
+def _quantise_rows(lib: ctypes.CDLL, x: Tensor, q: Tensor, scale: Tensor, threads: int) -> None:
+    rows, k = x.shape
+
+    def part(r0: int, r1: int) -> None:
+        if lib.tessera_quantise_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(), r0, r1, k):
+            raise RuntimeError(f"tessera_quantise_rows rejected k={k}")
+
+    _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
+
+
+def _dequantise(lib: ctypes.CDLL, acc: Tensor, w_scale: Tensor, x_scale: Tensor,
+                bias: Tensor | None, residual: Tensor | None, relu: bool, out: Tensor,
+                threads: int) -> None:  # fmt: skip
+    rows, n = acc.shape
+    b = 0 if bias is None else bias.data_ptr()
+    r = 0 if residual is None else residual.data_ptr()
+    ptrs = (acc.data_ptr(), out.data_ptr(), w_scale.data_ptr(), x_scale.data_ptr(), b, r)
+
+    def part(r0: int, r1: int) -> None:
+        if lib.tessera_dequantise(*ptrs, int(relu), r0, r1, n):
+            raise RuntimeError(f"tessera_dequantise rejected n={n}")
+
+    _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
+
+
+def quantise_rows(x: Tensor, q: Tensor, scale: Tensor) -> None:
+    """Per-row symmetric int8 of ``(rows, k)`` float32 ``x`` into ``q`` (int8, same shape) and
+    ``scale`` (``(rows, 1)`` float32): :func:`tessera_model.int8.quantise_rows`'s values."""
+    lib = _library_or_raise()
+    _check_f32("x", x, tuple(x.shape))
+    _check_f32("scale", scale, (x.shape[0], 1))
+    if q.dtype != torch.int8 or not q.is_contiguous() or q.shape != x.shape:
+        raise ValueError(f"Expected q int8 contiguous of shape {tuple(x.shape)}.")
+    _quantise_rows(lib, x, q, scale, torch.get_num_threads())
+
+
+def dequantise(acc: Tensor, w_scale: Tensor, x_scale: Tensor, bias: Tensor | None,
+               residual: Tensor | None, relu: bool, out: Tensor) -> Tensor:  # fmt: skip
+    """``relu((acc * w_scale) * x_scale + bias + residual)`` of an int8 GEMM's ``(rows, n)`` int32
+    product into ``out`` (float32), as :func:`tessera_model.int8.int8_linear` computes it."""
+    lib = _library_or_raise()
+    rows, n = acc.shape
+    if acc.dtype != torch.int32 or not acc.is_contiguous():
+        raise ValueError(f"Expected acc int32 contiguous. Got {acc.dtype}.")
+    _check_f32("w_scale", w_scale, (n,))
+    _check_f32("x_scale", x_scale, (rows, 1))
+    if bias is not None:
+        _check_f32("bias", bias, (n,))
+    if residual is not None:
+        _check_f32("residual", residual, (rows, n))
+    _check_f32("out", out, (rows, n))
+    _dequantise(lib, acc, w_scale, x_scale, bias, residual, relu, out, torch.get_num_threads())
+    return out

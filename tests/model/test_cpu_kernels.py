@@ -137,3 +137,26 @@ def test_the_switch_turns_the_kernels_off(fresh_kernels, monkeypatch: pytest.Mon
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     assert not cpu_kernels.available()
     assert not fresh_kernels.exists()  # nothing built
+
+
+@needs_cc
+def test_int8_kernels_give_the_torch_forms_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera_model.int8 import int8_linear, quantise_rows, quantise_weight
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 99, generator=gen) * 4
+    x[7] = 0.0
+    lin = nn.Linear(99, 37)
+    qw = quantise_weight(lin.weight, lin.bias)
+    qw_nobias = quantise_weight(lin.weight, None)
+    res = torch.randn(300, 37, generator=gen)
+    cases = [(w, r, relu) for w in (qw, qw_nobias) for r in (None, res) for relu in (False, True)]
+    with torch.inference_mode():
+        fast_q = quantise_rows(x)
+        fast = [int8_linear(x, w, residual=r, relu=relu) for w, r, relu in cases]
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+        slow_q = quantise_rows(x)
+        slow = [int8_linear(x, w, residual=r, relu=relu) for w, r, relu in cases]
+    assert torch.equal(fast_q[0], slow_q[0]) and torch.equal(fast_q[1], slow_q[1])
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
