@@ -185,3 +185,19 @@ def test_fused_gru_models_take_larger_chunks_only_in_the_v1_family() -> None:
     assert cpu_chunk_rows(ModelSpec.preset("small"), 40) == CPU_CHUNK_MIN_FUSED_GRU
     assert cpu_chunk_rows(ModelSpec.preset("v1"), 40) == 32
     assert cpu_chunk_rows(ModelSpec.preset("v1.1"), 40) == 32
+
+
+@needs_onednn
+def test_scan_time_major_gives_the_same_bits_at_one_and_two_threads() -> None:
+    cell = _cell(64, seed=7)
+    x = torch.randn(512, 12, 64)  # 512 x 64 step tensors: torch's element-wise ops go parallel
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs.append(scan_time_major(_time_major(x, 64), 64, *_packed(cell), {}).clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
