@@ -85,7 +85,11 @@ class ModalityEncoder(nn.Module):
         into ``workspace`` buffers reused across calls of one chunk shape. With ``qweights``
         (:func:`tessera_model.int8.cpu_weights`, keys under ``prefix``) the dense layers
         run in int8 with per-row activation scales, or in float32 through oneDNN with
-        pre-packed weights. Call without autograd, in eval mode.
+        pre-packed weights. With the ``gru_xrz``/``gru_xh`` keys (GRU cells up to
+        :data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM` wide) the transformer pieces write
+        their outputs time-major into the buffer of
+        :meth:`TemporalAttentionPooling.forward_time_major`, which pools them. Call without
+        autograd, in eval mode.
         """
         ws = {} if workspace is None else workspace
         qw = qweights or {}

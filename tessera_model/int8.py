@@ -1,7 +1,8 @@
 """Int8 CPU inference: dynamic quantisation with one activation scale per row (per token).
 
 The dense layers that carry almost all the FLOP (band-embedding ``Linear(d, d)``, QKV, attention
-output, both FFN layers, the GRU input maps) run as ``int8 x int8 -> int32`` matrix products
+output, both FFN layers, the GRU input maps of cells wider than
+:data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM`) run as ``int8 x int8 -> int32`` matrix products
 (:func:`torch._int_mm`, VNNI on x86) instead of float32 GEMMs:
 
 - weights: symmetric int8 per output channel, ``s_w[n] = max_k |W[n, k]| / 127`` (once per
