@@ -23,15 +23,46 @@
 
 #define R 8 /* query rows per register block */
 
+/* Softmax numerators of one row of scores sr (tp columns, the last vector's lanes past t
+ * masked out by keep) into pr; returns 1 / their sum in every lane. The exponentials are taken
+ * of the scores as they are (the row maximum only guards the exponent's range, and finding it
+ * costs as much as the rest); a row whose sum leaves [2^-100, 2^100] is redone with its
+ * maximum subtracted (no overflow, no loss to subnormals). */
+static inline __attribute__((always_inline)) vf row_softmax(const float *sr, float *pr,
+                                                           int64_t nj, vi keep) {
+    vf tot = splat(0.0f);
+    for (int64_t jb = 0; jb < nj - 1; jb++) {
+        const vf e = exp2_clamped(*(const vf *)(sr + jb * W));
+        *(vf *)(pr + jb * W) = e;
+        tot += e;
+    }
+    vf e = (vf)(keep & (vi)exp2_clamped(*(const vf *)(sr + (nj - 1) * W)));
+    *(vf *)(pr + (nj - 1) * W) = e;
+    tot += e;
+    const vf sum = all_sum(tot);
+    if (sum[0] >= 0x1p-100f && sum[0] <= 0x1p100f) return splat(1.0f) / sum;
+    const vf low = splat(-1e30f);
+    vf m = (vf)((keep & (vi) * (const vf *)(sr + (nj - 1) * W)) | (~keep & (vi)low));
+    for (int64_t jb = 0; jb < nj - 1; jb++) m = vmax(m, *(const vf *)(sr + jb * W));
+    m = all_max(m);
+    tot = splat(0.0f);
+    for (int64_t jb = 0; jb < nj; jb++) {
+        e = exp2_clamped(*(const vf *)(sr + jb * W) - m);
+        if (jb == nj - 1) e = (vf)(keep & (vi)e);
+        *(vf *)(pr + jb * W) = e;
+        tot += e;
+    }
+    return splat(1.0f) / all_sum(tot);
+}
+
 /* Rows i0 .. i0 + nr of one (pixel, head): scores, softmax, weighted values. Called with a
- * constant nr = R for whole blocks (the row loops then unroll into registers). */
+ * constant nr = R for whole blocks (the row loops then unroll into registers). s and pr: R rows
+ * of tp floats each (scores, softmax numerators). */
 static inline __attribute__((always_inline)) void rows_block(
     const float *q, int64_t row, const float *kt, const float *vv, int64_t vstride, float *s,
-    float *o,
-    int64_t d, int64_t t, int64_t tp, int64_t dh, int64_t dhp, float alpha, int nr) {
+    float *pr, float *o, int64_t d, int64_t t, int64_t tp, int64_t dh, int64_t dhp, float alpha,
+    int nr) {
     const int64_t nj = tp / W, nd = dhp / W;
-    vf mx[R];
-    for (int r = 0; r < nr; r++) mx[r] = splat(-1e30f);
     for (int64_t jb = 0; jb < nj; jb++) {
         vf acc[R];
         for (int r = 0; r < nr; r++) acc[r] = splat(0.0f);
@@ -39,38 +70,18 @@ static inline __attribute__((always_inline)) void rows_block(
             const vf kv = *(const vf *)(kt + c * tp + jb * W);
             for (int r = 0; r < nr; r++) acc[r] += kv * q[r * row + c];
         }
-        for (int r = 0; r < nr; r++) {
-            acc[r] *= alpha;
-            *(vf *)(s + r * tp + jb * W) = acc[r];
-            if (jb < nj - 1) mx[r] = vmax(mx[r], acc[r]);
-        }
+        for (int r = 0; r < nr; r++) *(vf *)(s + r * tp + jb * W) = acc[r] * alpha;
     }
-    /* the last column vector holds tp - t padding lanes: masked out of the max and the sums */
     vi keep;
     for (int i = 0; i < W; i++) keep[i] = (nj - 1) * W + i < t ? -1 : 0;
     vf inv[R];
-    for (int r = 0; r < nr; r++) {
-        float *sr = s + r * tp;
-        vf last = *(vf *)(sr + (nj - 1) * W);
-        last = (vf)((keep & (vi)last) | (~keep & (vi)splat(-1e30f)));
-        const vf m = all_max(vmax(mx[r], last));
-        vf tot = splat(0.0f);
-        for (int64_t jb = 0; jb < nj - 1; jb++) {
-            vf e = exp2_nonpos(*(vf *)(sr + jb * W) - m);
-            *(vf *)(sr + jb * W) = e;
-            tot += e;
-        }
-        vf e = (vf)(keep & (vi)exp2_nonpos(last - m));
-        *(vf *)(sr + (nj - 1) * W) = e;
-        tot += e;
-        inv[r] = splat(1.0f) / all_sum(tot);
-    }
+    for (int r = 0; r < nr; r++) inv[r] = row_softmax(s + r * tp, pr + r * tp, nj, keep);
     for (int64_t db = 0; db < nd; db++) {
         vf acc[R];
         for (int r = 0; r < nr; r++) acc[r] = splat(0.0f);
         for (int64_t j = 0; j < t; j++) {
             const vf vj = load_u(vv + j * vstride + db * W);
-            for (int r = 0; r < nr; r++) acc[r] += vj * s[r * tp + j];
+            for (int r = 0; r < nr; r++) acc[r] += vj * pr[r * tp + j];
         }
         const int64_t cols = dh - db * W < W ? dh - db * W : W;
         for (int r = 0; r < nr; r++) {
@@ -88,7 +99,7 @@ static inline __attribute__((always_inline)) void rows_block(
 /* Floats of scratch space tessera_attention needs for sequences of t tokens and heads of dh. */
 int64_t tessera_attention_scratch(int64_t t, int64_t dh) {
     const int64_t tp = (t + W - 1) / W * W, dhp = (dh + W - 1) / W * W;
-    return dh * tp + tp * dhp + R * tp + W; /* + W: room to align to a vector */
+    return dh * tp + tp * dhp + 2 * R * tp + W; /* + W: room to align to a vector */
 }
 
 /* Attention of pixels [p0, p1).
@@ -107,7 +118,7 @@ int tessera_attention(const float *qkv, float *out, float *scratch, int64_t p0, 
     const int64_t dhp = (dh + W - 1) / W * W; /* value columns, padded */
     const float alpha = scale * 1.44269504088896341f; /* scores in base-2 units */
     float *kt = (float *)(((uintptr_t)scratch + sizeof(vf) - 1) / sizeof(vf) * sizeof(vf));
-    float *vv = kt + dh * tp, *s = vv + tp * dhp;
+    float *vv = kt + dh * tp, *s = vv + tp * dhp, *pr = s + R * tp;
     for (int64_t p = p0; p < p1; p++) {
         const float *base = qkv + p * t * row;
         float *obase = out + p * t * d;
@@ -139,10 +150,10 @@ int tessera_attention(const float *qkv, float *out, float *scratch, int64_t p0, 
             }
             int64_t i0 = 0;
             for (; i0 + R <= t; i0 += R)
-                rows_block(q + i0 * row, row, kt, vr, vstride, s, obase + i0 * d + h * dh, d, t,
+                rows_block(q + i0 * row, row, kt, vr, vstride, s, pr, obase + i0 * d + h * dh, d, t,
                            tp, dh, dhp, alpha, R);
             if (i0 < t)
-                rows_block(q + i0 * row, row, kt, vr, vstride, s, obase + i0 * d + h * dh, d, t,
+                rows_block(q + i0 * row, row, kt, vr, vstride, s, pr, obase + i0 * d + h * dh, d, t,
                            tp, dh, dhp, alpha, (int)(t - i0));
         }
     }

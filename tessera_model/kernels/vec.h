@@ -17,10 +17,13 @@ static inline __attribute__((unused)) vf vmax(vf a, vf b) {
     return (vf)((m & (vi)a) | (~m & (vi)b));
 }
 
-/* 2^x for x <= 0 (scores minus their row maximum), elementwise. */
-static inline __attribute__((unused)) vf exp2_nonpos(vf x) {
-    const vf lo = splat(-126.0f);
-    x = vmax(x, lo);
+/* 2^x elementwise, x clamped to [-126, 126] (2^-126 for anything lower: no subnormals). */
+static inline __attribute__((unused)) vf exp2_clamped(vf x) {
+    x = vmax(x, splat(-126.0f));
+    {
+        vi m = x > splat(126.0f);
+        x = (vf)((m & (vi)splat(126.0f)) | (~m & (vi)x));
+    }
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     vf n = (x + magic) - magic;
     vf f = x - n; /* in [-1/2, 1/2] */

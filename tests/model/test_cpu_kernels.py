@@ -49,6 +49,21 @@ def test_attention_matches_the_softmax_math(n: int, t: int, heads: int, dh: int)
 
 
 @needs_cc
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 40.0, 400.0])
+def test_attention_guards_the_exponent_range(scale: float) -> None:
+    """Scores far outside exp2's range (redone with the row maximum) and tiny ones."""
+    n, t, heads, dh = 3, 40, 2, 16
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(n * t, 3 * heads * dh, generator=gen)
+    qkv[:, : 2 * heads * dh] *= scale  # q and k: scores scale with scale**2
+    qkv[t : 2 * t, : heads * dh] -= 50.0 * scale  # one pixel's queries far off
+    got = cpu_kernels.attention(qkv, n, t, heads, dh)
+    want = cpu_kernels.reference_attention(qkv, n, t, heads, dh)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() < 2e-6 * max(1.0, float(want.abs().max()))
+
+
+@needs_cc
 def test_attention_is_per_pixel_and_thread_independent(monkeypatch: pytest.MonkeyPatch) -> None:
     n, t, heads, dh = 64, 40, 4, 16
     qkv = torch.randn(n * t, 3 * heads * dh, generator=torch.Generator().manual_seed(1))
