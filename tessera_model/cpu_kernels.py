@@ -60,8 +60,7 @@ CHECK_TOLERANCE = 1e-5
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pools: dict[int, ThreadPoolExecutor] = {}
 _scratch = threading.local()
 
 
@@ -227,14 +226,15 @@ def _scratch_for(lib: ctypes.CDLL, t: int, dh: int) -> Tensor:
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    """The pool of ``threads`` workers (one per size, kept for the process: callers with
+    different thread budgets never share or close each other's pool)."""
     with _lock:
-        if _pool is None or _pool_size != threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(threads, thread_name_prefix="tessera-kernels")
-            _pool_size = threads
-        return _pool
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(
+                threads, thread_name_prefix=f"tessera-kernels-{threads}"
+            )
+        return pool
 
 
 def _split(n: int, parts: int, part: Callable[[int, int], None]) -> None:
