@@ -21,33 +21,33 @@
 
 #include "vec.h"
 
-#define R 8 /* query rows per register block */
+#define R 8 /* query rows per register block (sums8 reduces eight) */
 
 /* Softmax numerators of one row of scores sr (tp columns, the last vector's lanes past t
- * masked out by keep) into pr; returns 1 / their sum in every lane. The exponentials are taken
- * of the scores as they are (the row maximum only guards the exponent's range, and finding it
- * costs as much as the rest); a row whose sum leaves [2^-100, 2^100] is redone with its
- * maximum subtracted (no overflow, no loss to subnormals). */
-static inline __attribute__((always_inline)) vf row_softmax(const float *sr, float *pr,
-                                                           int64_t nj, vi keep) {
+ * masked out by keep) into pr, taken of the scores as they are (the row maximum only guards the
+ * exponent's range, and finding it costs as much as the rest); returns their lane-wise sum. */
+static inline __attribute__((always_inline)) vf row_exp(const float *sr, float *pr, int64_t nj,
+                                                       vi keep) {
     vf tot = splat(0.0f);
     for (int64_t jb = 0; jb < nj - 1; jb++) {
         const vf e = exp2_clamped(*(const vf *)(sr + jb * W));
         *(vf *)(pr + jb * W) = e;
         tot += e;
     }
-    vf e = (vf)(keep & (vi)exp2_clamped(*(const vf *)(sr + (nj - 1) * W)));
+    const vf e = (vf)(keep & (vi)exp2_clamped(*(const vf *)(sr + (nj - 1) * W)));
     *(vf *)(pr + (nj - 1) * W) = e;
-    tot += e;
-    const vf sum = all_sum(tot);
-    if (sum[0] >= 0x1p-100f && sum[0] <= 0x1p100f) return splat(1.0f) / sum;
-    const vf low = splat(-1e30f);
-    vf m = (vf)((keep & (vi) * (const vf *)(sr + (nj - 1) * W)) | (~keep & (vi)low));
+    return tot + e;
+}
+
+/* The same with the row maximum subtracted (for a row whose sum left [2^-100, 2^100]: no
+ * overflow, no loss to subnormals); returns 1 / the sum in every lane. */
+static vf row_exp_shifted(const float *sr, float *pr, int64_t nj, vi keep) {
+    vf m = (vf)((keep & (vi) * (const vf *)(sr + (nj - 1) * W)) | (~keep & (vi)splat(-1e30f)));
     for (int64_t jb = 0; jb < nj - 1; jb++) m = vmax(m, *(const vf *)(sr + jb * W));
     m = all_max(m);
-    tot = splat(0.0f);
+    vf tot = splat(0.0f);
     for (int64_t jb = 0; jb < nj; jb++) {
-        e = exp2_clamped(*(const vf *)(sr + jb * W) - m);
+        vf e = exp2_clamped(*(const vf *)(sr + jb * W) - m);
         if (jb == nj - 1) e = (vf)(keep & (vi)e);
         *(vf *)(pr + jb * W) = e;
         tot += e;
@@ -74,8 +74,18 @@ static inline __attribute__((always_inline)) void rows_block(
     }
     vi keep;
     for (int i = 0; i < W; i++) keep[i] = (nj - 1) * W + i < t ? -1 : 0;
+    vf tot[R];
+    for (int r = 0; r < R; r++) tot[r] = r < nr ? row_exp(s + r * tp, pr + r * tp, nj, keep)
+                                                : splat(1.0f);
+    const vf z = sums8(tot); /* row r's sum in lane 2r */
+    const vf invz = splat(1.0f) / z;
     vf inv[R];
-    for (int r = 0; r < nr; r++) inv[r] = row_softmax(s + r * tp, pr + r * tp, nj, keep);
+    for (int r = 0; r < nr; r++) {
+        const float zr = z[2 * r];
+        inv[r] = zr >= 0x1p-100f && zr <= 0x1p100f
+                     ? splat(invz[2 * r])
+                     : row_exp_shifted(s + r * tp, pr + r * tp, nj, keep);
+    }
     for (int64_t db = 0; db < nd; db++) {
         vf acc[R];
         for (int r = 0; r < nr; r++) acc[r] = splat(0.0f);
