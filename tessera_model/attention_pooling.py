@@ -2,7 +2,8 @@
 
 ``w = softmax_T(Linear(d, 1)(x))``, ``pooled = sum_T w * x``; no GRU and no LayerNorm (unlike
 v1.0/v1.1, :mod:`tessera_model.pooling`). Facts: ``shared/reference/tessera-v2.md``
-section 1 ("Per-backbone computation", step 4).
+section 1 ("Per-backbone computation", step 4). :meth:`QueryAttentionPooling.forward_cpu` is its
+CPU inference form.
 """
 
 from __future__ import annotations
@@ -26,8 +27,38 @@ class QueryAttentionPooling(nn.Module):
 
         Returns:
             (B, D) softmax-weighted sum over T (for T = 1 the single token: same value).
+
+        In eval mode without autograd on a float32 CPU tensor this runs :meth:`forward_cpu`
+        (the call site, :meth:`tessera_model.backbone.ModalityEncoder.forward_cpu`, calls the
+        module); with autograd, in training mode or on another device, the ops below.
         """
+        if (
+            not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32
+        ):  # fmt: skip
+            return self.forward_cpu(x)
         scores = self.query(x)  # (B, T, 1); softmax in at least float32 (bf16 autocast)
         weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=1)
         weights = weights.to(x.dtype)
         return (weights * x).sum(dim=1)
+
+    def forward_cpu(self, x: Tensor) -> Tensor:
+        """CPU inference form of :meth:`forward` (no autograd; same values to float32 rounding).
+
+        The scores are one matrix-vector product over all tokens and the pooled vector one
+        batched ``(1, T) x (T, D)`` product per pixel: no ``(B, T, D)`` temporary of
+        ``weights * x`` (which the forward writes and then sums). A pixel's result depends only
+        on its own tokens for a given batch shape.
+
+        Args:
+            x: (B, T, D) float32.
+
+        Returns:
+            (B, D).
+        """
+        b, t, d = x.shape
+        x = x.contiguous()
+        w = self.query.weight.reshape(d)
+        scores = torch.mv(x.view(b * t, d), w).add_(self.query.bias).view(b, 1, t)
+        weights = torch.softmax(scores, dim=2)
+        return torch.bmm(weights, x).view(b, d)

@@ -208,8 +208,8 @@ def embed_pixels(
         ids = pixel_ids[sl][rows]
         i2 = sample_indices(v2[rows], k, ids, seed, S2_STREAM, keys2)
         i1 = sample_indices(v1[rows], k, ids, seed, S1_STREAM, s1_keys)
-        x2 = torch.from_numpy(gather_inputs(s2[sl][rows], s2_doy, i2, "s2"))
-        x1 = torch.from_numpy(gather_inputs(s1[sl][rows], s1_doy, i1, "s1"))
+        x2 = torch.from_numpy(gather_inputs(s2, s2_doy, i2, "s2", start + rows))
+        x1 = torch.from_numpy(gather_inputs(s1, s1_doy, i1, "s1", start + rows))
         if rows.size < min_rows:
             pad = np.zeros(min_rows - rows.size, dtype=np.int64)
             x2, x1 = torch.cat([x2, x2[pad]]), torch.cat([x1, x1[pad]])

@@ -69,28 +69,56 @@ def _tokens(
     std: npt.NDArray[np.float32],
     length: int,
     family: str,
+    rows: npt.NDArray[np.int64] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Standardised tokens (G, length, C + 1) of a group sharing one sequence length.
 
+    Only the group's chosen steps are read (one gather from the flattened ``(N T, C)``
+    values), then standardised in place as ``(value - mean) / std`` in float32: the same
+    operations, hence the same bits, as gathering whole rows first.
+
     Args:
-        values: (G, T, C) raw d-pixel values.
-        valid: (G, T) bool.
+        values: (N, T, C) raw d-pixel values of the block (or of the group alone).
+        valid: (N, T) bool.
         doy: (T,) day of year.
         mean, std: (C,) or (T, C) float32 statistics (per step for merged S1).
         length: the group's bin.
+        rows: (G,) the group's rows of ``values``/``valid``; ``None``: all N.
     """
-    g, _, c = values.shape
-    out = np.zeros((g, length, c + 1), dtype=np.float32)
-    has = valid.any(axis=1)
+    n, t, c = values.shape
+    if rows is None:
+        rows = np.arange(n)
+    v = valid[rows]
+    g = rows.size
+    has = v.any(axis=1)
+    every = bool(has.all())
+    out = (np.empty if every else np.zeros)((g, length, c + 1), dtype=np.float32)
     if not has.any():
         return out
-    rows = np.flatnonzero(has)
-    idx = gather_positions(valid[rows], length, family)  # (G', length)
-    picked = np.take_along_axis(values[rows], idx[:, :, None], axis=1).astype(np.float32)
+    if not every:
+        v, rows = v[has], rows[has]
+    idx = gather_positions(v, length, family)  # (G', length)
+    flat = values.reshape(n * t, c)  # a view for a contiguous block (the caller makes it one)
+    picked = np.take(flat, rows[:, None] * t + idx, axis=0).astype(np.float32)
     if mean.ndim == 2:
         mean, std = mean[idx], std[idx]  # (G', length, C)
-    out[rows, :, :c] = (picked - mean) / std
-    out[rows, :, c] = np.asarray(doy)[idx]
+    np.subtract(picked, mean, out=picked)
+    np.divide(picked, std, out=picked)
+    day = np.asarray(doy)[idx]
+    if every:
+        out[:, :, :c] = picked
+        out[:, :, c] = day
+    else:
+        out[has, :, :c] = picked
+        out[has, :, c] = day
+    return out
+
+
+def _any_nonzero(values: npt.NDArray) -> npt.NDArray[np.bool_]:
+    """(N, T) True where any of the last axis's C values is non-zero (a loop over C only)."""
+    out = values[..., 0] != 0
+    for ch in range(1, values.shape[-1]):
+        out |= values[..., ch] != 0
     return out
 
 
@@ -146,8 +174,9 @@ def embed_pixels_binned(
     stats = band_stats(spec.normalisation)
     s2_mean, s2_std = stats.s2()
     s1_mean, s1_std = stats.s1(np.asarray(s1_descending, bool))
-    s1_valid = (s1 != 0).any(axis=-1)  # raw values, before standardising
-    n2, n1 = s2_valid.sum(axis=1), s1_valid.sum(axis=1)
+    s2, s1 = np.ascontiguousarray(s2), np.ascontiguousarray(s1)  # _tokens gathers flat rows
+    s1_valid = _any_nonzero(s1)  # raw values, before standardising
+    n2, n1 = np.count_nonzero(s2_valid, axis=1), np.count_nonzero(s1_valid, axis=1)
     covered = (n2 > 0) | (n1 > 0)
     len2 = stream_bins(n2, family, spec.max_steps)
     len1 = stream_bins(n1, family, spec.max_steps)
@@ -171,8 +200,8 @@ def embed_pixels_binned(
                 if before_batch is not None:
                     before_batch()
                 rows = members[start : start + batch]
-                x2 = _tokens(s2[rows], s2_valid[rows], s2_doy, s2_mean, s2_std, b2, family)
-                x1 = _tokens(s1[rows], s1_valid[rows], s1_doy, s1_mean, s1_std, b1, family)
+                x2 = _tokens(s2, s2_valid, s2_doy, s2_mean, s2_std, b2, family, rows)
+                x1 = _tokens(s1, s1_valid, s1_doy, s1_mean, s1_std, b1, family, rows)
                 t2_, t1_ = torch.from_numpy(x2), torch.from_numpy(x1)
                 if rows.size < BINNED_MIN_ROWS:
                     pad = np.zeros(BINNED_MIN_ROWS - rows.size, dtype=np.int64)

@@ -200,7 +200,9 @@ def linear(x: Tensor, lin_weight: Tensor, lin_bias: Tensor | None,
 
 
 def _dense_layers(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """(weight, bias) of the dense layers of both backbones, by :func:`cpu_weights` key."""
+    """(weight, bias) of the dense layers of both backbones and of the fusion head
+    (``dim_reducer.head_0``/``head_4``, :func:`tessera_model.heads.head_linears`), by
+    :func:`cpu_weights` key."""
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
     for name in ("s2_backbone", "s1_backbone"):
         enc = getattr(model, name)
@@ -226,6 +228,12 @@ def _dense_layers(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
             w_rz = torch.cat([cell.W_hr.weight, cell.W_hz.weight], dim=0)
             out[f"{name}.gru_rz"] = (w_rz, None)
             out[f"{name}.gru_hh2"] = (2.0 * cell.W_hh.weight.detach(), None)  # exact doubling
+    head = getattr(model, "dim_reducer", None)
+    if head is not None:  # the fusion head's Linears (tessera_model.heads.fusion_head_cpu)
+        from tessera_model.heads import head_linears
+
+        for key, lin in head_linears(head).items():
+            out[f"dim_reducer.{key}"] = (lin.weight, lin.bias)
     return out
 
 
@@ -237,11 +245,12 @@ def _fused_scan(cell: nn.Module) -> bool:
     return max(w.shape) <= FUSED_SCAN_MAX_DIM
 
 
-FLOAT_ONLY = ("embedding_in", "gru_rz", "gru_hh2", "gru_xrz", "gru_xh")
+FLOAT_ONLY = ("embedding_in", "gru_rz", "gru_hh2", "gru_xrz", "gru_xh", "head_0", "head_4")
 """Keys that stay float32 (packed for oneDNN) under ``int8-dynamic``: the 10- or 2-channel
 band input map and the GRU recurrence (the module docstring's float32 parts; ``gru_xrz`` and
 ``gru_xh`` carry the GRU's input maps inside its step GEMMs, so small cells' input maps stay
-float32 too)."""
+float32 too), and the fusion head's Linears (``dim_reducer.head_0``/``head_4``: one row per
+pixel, under 1 % of the FLOP, so int8 would buy nothing and cost accuracy)."""
 
 
 def cpu_weights(

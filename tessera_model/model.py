@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from tessera_model.backbone import ModalityEncoder
 from tessera_model.errors import SpecError
-from tessera_model.heads import fusion_head
+from tessera_model.heads import fusion_head, fusion_head_cpu
 from tessera_model.int8 import check_precision, cpu_weights
 from tessera_model.pooling import FUSED_SCAN_MAX_DIM
 from tessera_model.spec import ModelSpec
@@ -205,7 +205,7 @@ class TesseraModel(nn.Module):
             ],
             dim=-1,
         )
-        out = self.dim_reducer(fused)
+        out = fusion_head_cpu(self.dim_reducer, fused, qw)
         return out if self.spec.embed_dim == self.spec.latent_dim else out[:, : self.spec.embed_dim]
 
     def _encode(self, s2: Tensor, s1: Tensor) -> Tensor:

@@ -27,18 +27,29 @@ _DOMAIN_STEP = 1
 _DOMAIN_DRAW = 2
 
 
-def _mix64(z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """SplitMix64 finaliser (a bijection on uint64), elementwise."""
+def _mix64(z: npt.NDArray[np.uint64], inplace: bool = False) -> npt.NDArray[np.uint64]:
+    """SplitMix64 finaliser (a bijection on uint64), elementwise.
+
+    ``inplace``: overwrite ``z`` (a uint64 array the caller owns) instead of allocating a
+    temporary per operation (the same values).
+    """
+    z = np.asarray(z, dtype=np.uint64)
+    if not inplace or z.ndim == 0:
+        z = z.copy()
+    tmp = np.empty_like(z)
     with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+        z ^= np.right_shift(z, np.uint64(30), out=tmp)
+        z *= _M1
+        z ^= np.right_shift(z, np.uint64(27), out=tmp)
+        z *= _M2
+        z ^= np.right_shift(z, np.uint64(31), out=tmp)
+    return z
 
 
 def _absorb(h: npt.NDArray[np.uint64], v: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """Chain one more 64-bit input ``v`` into the hash state ``h`` (broadcasting)."""
     with np.errstate(over="ignore"):
-        return _mix64(h ^ _mix64(v + _GOLDEN))
+        return _mix64(np.bitwise_xor(h, _mix64(v + _GOLDEN, inplace=True)), inplace=True)
 
 
 def _u64(value: int) -> npt.NDArray[np.uint64]:
@@ -115,21 +126,26 @@ def sample_indices(
     out = np.zeros((n, k), dtype=np.int64)
     if n == 0 or t == 0:
         return out
-    n_valid = valid.sum(axis=1)
+    n_valid = np.count_nonzero(valid, axis=1)
 
     full = n_valid >= k
-    if full.any():
+    every = bool(full.all())  # the common case: no row selection (no copies)
+    if every or full.any():
         keys = hash_keys(
             seed,
             stream,
-            pixel_ids[full],
+            pixel_ids if every else pixel_ids[full],
             _DOMAIN_STEP,
-            step_keys[full] if step_keys.ndim == 2 else step_keys,
+            step_keys[full] if step_keys.ndim == 2 and not every else step_keys,
         )
-        keys = keys >> np.uint64(1)  # valid keys < 2**63 ...
-        keys[~valid[full]] = np.uint64(_MASK64)  # ... so invalid steps are never chosen
+        keys >>= np.uint64(1)  # valid keys < 2**63 ...
+        np.putmask(keys, ~(valid if every else valid[full]), np.uint64(_MASK64))  # ... so
+        # invalid steps are never chosen
         chosen = keys.argsort(axis=1)[:, :k] if t <= k else np.argpartition(keys, k - 1, 1)[:, :k]
-        out[full] = np.sort(chosen, axis=1)
+        chosen.sort(axis=1)
+        if every:
+            return chosen.astype(np.int64, copy=False)
+        out[full] = chosen
 
     partial = (n_valid > 0) & ~full
     if partial.any():
