@@ -74,8 +74,10 @@ def _tokens(
     """Standardised tokens (G, length, C + 1) of a group sharing one sequence length.
 
     Only the group's chosen steps are read (one gather from the flattened ``(N T, C)``
-    values), then standardised in place as ``(value - mean) / std`` in float32: the same
-    operations, hence the same bits, as gathering whole rows first.
+    values), then standardised in place as ``(value - mean) / std`` in float32 over whole
+    tokens of ``C + 1`` values (the DOY column as ``(doy - 0) / 1``, exact): the same
+    operations per value, hence the same bits, as gathering whole rows and broadcasting the
+    statistics over C, in under half the time.
 
     Args:
         values: (N, T, C) raw d-pixel values of the block (or of the group alone).
@@ -92,25 +94,33 @@ def _tokens(
     g = rows.size
     has = v.any(axis=1)
     every = bool(has.all())
-    out = (np.empty if every else np.zeros)((g, length, c + 1), dtype=np.float32)
-    if not has.any():
-        return out
+    if not every and not has.any():
+        return np.zeros((g, length, c + 1), dtype=np.float32)
     if not every:
         v, rows = v[has], rows[has]
     idx = gather_positions(v, length, family)  # (G', length)
     flat = values.reshape(n * t, c)  # a view for a contiguous block (the caller makes it one)
-    picked = np.take(flat, rows[:, None] * t + idx, axis=0).astype(np.float32)
-    if mean.ndim == 2:
-        mean, std = mean[idx], std[idx]  # (G', length, C)
-    np.subtract(picked, mean, out=picked)
-    np.divide(picked, std, out=picked)
-    day = np.asarray(doy)[idx]
-    if every:
-        out[:, :, :c] = picked
-        out[:, :, c] = day
+    tok = np.empty((rows.size, length, c + 1), dtype=np.float32)
+    tok[..., :c] = np.take(flat, rows[:, None] * t + idx, axis=0)  # as .astype(np.float32)
+    tok[..., c] = np.asarray(doy)[idx]
+    # the DOY column passes as (doy - 0) / 1 (exact); whole rows, no broadcast over C
+    zero, one = (
+        np.zeros((*mean.shape[:-1], 1), np.float32),
+        np.ones((*std.shape[:-1], 1), np.float32),
+    )
+    mean_ext = np.concatenate([mean, zero], axis=-1)
+    std_ext = np.concatenate([std, one], axis=-1)
+    if mean.ndim == 2:  # per-step statistics (merged S1): (G', length, C + 1)
+        np.subtract(tok, mean_ext[idx], out=tok)
+        np.divide(tok, std_ext[idx], out=tok)
     else:
-        out[has, :, :c] = picked
-        out[has, :, c] = day
+        whole = tok.reshape(rows.size, length * (c + 1))
+        np.subtract(whole, np.tile(mean_ext, length), out=whole)
+        np.divide(whole, np.tile(std_ext, length), out=whole)
+    if every:
+        return tok
+    out = np.zeros((g, length, c + 1), dtype=np.float32)
+    out[has] = tok
     return out
 
 
