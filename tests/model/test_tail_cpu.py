@@ -221,3 +221,35 @@ def test_in_place_mix64_is_the_splitmix64_finaliser() -> None:
     assert np.array_equal(_mix64(z), want)
     assert np.array_equal(z, keep)  # not in place unless asked
     assert np.array_equal(_mix64(z, inplace=True), want) and np.array_equal(z, want)
+
+
+@pytest.mark.parametrize("preset", ["v2-nano", "v1.1"])
+@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic"])
+def test_encode_with_the_tail_forms_is_bit_identical_whatever_the_batch(
+    preset: str, precision: str
+) -> None:
+    """The CPU head and pooling forms inside ``encode``: a pixel's bits never depend on its batch;
+    the values agree with the module forwards (``_encode``) to float32 rounding."""
+    from tessera_model.model import cpu_chunk_rows
+
+    spec = ModelSpec.preset(preset)
+    torch.manual_seed(0)
+    model = TesseraModel(spec, with_projector=False).eval()
+    g = torch.Generator().manual_seed(4)
+    n = cpu_chunk_rows(spec, 24) + 3  # two chunks, the last one padded
+    x2 = torch.randn(n, 16, 11, generator=g)
+    x2[..., 10] = torch.randint(1, 366, (n, 16), generator=g).float()
+    x1 = torch.randn(n, 24, 3, generator=g)
+    x1[..., 2] = torch.randint(1, 366, (n, 24), generator=g).float()
+    with torch.inference_mode():
+        full = model.encode(x2, x1, precision)
+        parts = torch.cat([model.encode(x2[:5], x1[:5], precision),
+                           model.encode(x2[5:], x1[5:], precision)])  # fmt: skip
+        order = torch.randperm(n, generator=g)
+        shuffled = model.encode(x2[order], x1[order], precision)
+    assert torch.equal(parts, full)
+    assert torch.equal(shuffled, full[order])
+    if precision == "fp32":
+        with torch.enable_grad():  # the module forwards with their own ops
+            want = model._encode(x2, x1).detach()
+        assert float((full - want).abs().max()) <= 1e-5
