@@ -27,16 +27,7 @@ class QueryAttentionPooling(nn.Module):
 
         Returns:
             (B, D) softmax-weighted sum over T (for T = 1 the single token: same value).
-
-        In eval mode without autograd on a float32 CPU tensor this runs :meth:`forward_cpu`
-        (the call site, :meth:`tessera_model.backbone.ModalityEncoder.forward_cpu`, calls the
-        module); with autograd, in training mode or on another device, the ops below.
         """
-        if (
-            not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == torch.float32
-        ):  # fmt: skip
-            return self.forward_cpu(x)
         scores = self.query(x)  # (B, T, 1); softmax in at least float32 (bf16 autocast)
         weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=1)
         weights = weights.to(x.dtype)

@@ -120,7 +120,7 @@ class ModalityEncoder(nn.Module):
         if isinstance(self.attn_pool, TemporalAttentionPooling):
             rec = (qw.get(f"{prefix}.gru_rz"), qw.get(f"{prefix}.gru_hh2"))
             return self.attn_pool(h, ws, qw.get(f"{prefix}.gru_in"), rec)
-        return self.attn_pool(h)
+        return self.attn_pool.forward_cpu(h)  # type: ignore[operator]
 
     def _transformer_cpu(self, x: Tensor, ws: dict, qw: dict, prefix: str) -> Tensor:
         """Band embedding, DOY encoding and the encoder layers of :meth:`forward_cpu`."""
