@@ -99,6 +99,7 @@ def test_layer_norm_matches_torch(d: int, monkeypatch: pytest.MonkeyPatch) -> No
     plain = cpu_kernels.layer_norm(x, None, None, 1e-5)
     assert (plain - F.layer_norm(x.double(), (d,), eps=1e-5).float()).abs().max() < 1e-5
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu_kernels, "MIN_ROWS_PER_THREAD", 16)  # split these 300 rows
     y = x.clone()
     assert torch.equal(cpu_kernels.layer_norm(y, w, b, 1e-5, out=y), got)  # in place, 2 threads
 
