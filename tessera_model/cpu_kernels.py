@@ -3,12 +3,14 @@
 Kernels (``kernels/*.c``): the fused self-attention of an encoder layer (:func:`attention`),
 LayerNorm (:func:`layer_norm`), and the int8-dynamic path's row quantisation and GEMM epilogue
 (:func:`quantise_rows`, :func:`dequantise`: the values of their torch forms in
-:mod:`tessera_model.int8`, in one pass instead of six to eight). torch's CPU attention for TESSERA's short sequences (T = 8-256 tokens) and narrow heads
-(16-110 wide) runs two batched matrix products through MKL (AVX2 kernels on AMD processors,
-30-65 GFLOP/s on the dev box at one thread) around a softmax that reads and writes the whole
-score tensor twice, plus two head-major copies; the kernel keeps one (pixel, head) in the
-first-level cache and reaches 60-140 GFLOP/s there (``BENCHMARKS.md``). torch's LayerNorm
-runs its AVX2 code on this CPU, several times slower than the kernel on rows of 64-640.
+:mod:`tessera_model.int8`, in one pass instead of six to eight).
+
+torch's CPU attention for TESSERA's short sequences (T = 8-256 tokens) and narrow heads (16-192
+wide) runs two batched matrix products through MKL (AVX2 kernels on AMD processors, 30-65
+GFLOP/s on the dev box at one thread) around a softmax that reads and writes the whole score
+tensor twice, plus two head-major copies; the kernel keeps one (pixel, head) in the first-level
+cache and reaches 108-184 GFLOP/s there (``BENCHMARKS.md``, "Final figures"). torch's LayerNorm
+runs its AVX2 code on this CPU, about a third of the kernel's speed on rows of 64.
 
 Build: ``$CC`` (default ``cc``) ``-O3 -march=native -shared -fPIC``, once per sources, compiler
 and CPU, into ``$TESSERA_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/tessera-factory/kernels``,
