@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 
 import pytest
@@ -13,7 +14,11 @@ from torch.nn import functional as F
 from tessera_model import backbone, cpu_kernels
 from tessera_model.backbone import encoder_layer_cpu
 
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+needs_cc = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc").split()[0]) is None
+    or os.environ.get(cpu_kernels.ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"),
+    reason="no C compiler, or the kernels switched off",
+)
 
 
 @pytest.fixture
@@ -22,6 +27,7 @@ def fresh_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_tried", False)
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
     return tmp_path / "cache"
 
 
