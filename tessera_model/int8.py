@@ -263,7 +263,9 @@ def cpu_weights(
     (``gru_hh2``: twice ``W_hh``, for ``tanh(a) = 2 sigmoid(2a) - 1``), or for cells up to
     :data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM` wide ``"<backbone>.{gru_xrz,gru_xh}"``
     (:func:`tessera_model.pooling.fused_scan_weights`), for ``<backbone>`` in
-    ``s2_backbone``/``s1_backbone``. ``int8-dynamic``: :class:`QuantisedWeight` except the
+    ``s2_backbone``/``s1_backbone``; and the fusion head's Linears ``"dim_reducer.head_0"``
+    (and ``"dim_reducer.head_4"`` for v1.1/v2; :func:`tessera_model.heads.head_linears`).
+    ``int8-dynamic``: :class:`QuantisedWeight` except the
     :data:`FLOAT_ONLY` keys; those and every key of ``fp32`` are :class:`PackedWeight` where
     :func:`onednn_available` (and :data:`USE_ONEDNN`), else absent (plain float32 ``addmm``).
     The cache is rebuilt when any parameter changed (its tensor version or identity).
