@@ -11,7 +11,7 @@ from tessera_model import cpu_kernels
 from tessera_model.attention_pooling import QueryAttentionPooling
 from tessera_model.encoding import doy_encoding
 from tessera_model.errors import InputShapeError
-from tessera_model.int8 import QuantisedWeight, linear
+from tessera_model.int8 import Quantised, QuantisedWeight, _buf, int8_linear, linear, quantise_into
 from tessera_model.pooling import TemporalAttentionPooling
 from tessera_model.spec import ModelSpec
 
@@ -131,11 +131,18 @@ class ModalityEncoder(nn.Module):
         e = linear(bands, lin1.weight, lin1.bias, qw.get(f"{prefix}.embedding_in"),
                    _buffer(ws, "e1", (b * t, d), x), ws, relu=True)  # fmt: skip
         pe = doy_encoding_cpu(x[..., self.in_channels], d).view(b * t, d)
-        h = linear(e, lin2.weight, lin2.bias, qw.get(f"{prefix}.embedding"), ws=ws, residual=pe)
+        w_emb = qw.get(f"{prefix}.embedding")
+        layers = self.transformer_encoder.layers
+        # int8: each layer's input arrives quantised by its producer (_layer_q)
+        hq = _layer_q(ws, b * t, d, "emb") if isinstance(w_emb, QuantisedWeight) else None
+        if hq is not None:
+            h = int8_linear(e, w_emb, ws=ws, residual=pe, q_out=hq)
+        else:
+            h = linear(e, lin2.weight, lin2.bias, w_emb, ws=ws, residual=pe)
         h = h.view(b, t, d)
-        for i, layer in enumerate(self.transformer_encoder.layers):
+        for i, layer in enumerate(layers):
             lq = {k: qw[f"{prefix}.layers.{i}.{k}"] for k in _LAYER_KEYS if qw}
-            h = encoder_layer_cpu(layer, h, ws, lq or None)  # type: ignore[arg-type]
+            h, hq = _encoder_layer(layer, h, ws, lq or None, hq, i + 1 < len(layers))
         return h
 
 
@@ -233,13 +240,24 @@ def use_attention_kernel(qkv: Tensor) -> bool:
     )  # fmt: skip
 
 
-def _layer_norm_cpu(x: Tensor, norm: nn.LayerNorm, out: Tensor) -> Tensor:
+def _layer_norm_cpu(x: Tensor, norm: nn.LayerNorm, out: Tensor,
+                    q_out: Quantised | None = None) -> Tensor:  # fmt: skip
     """``norm(x)`` of (rows, d) float32 rows into ``out``: the compiled kernel
     (:func:`tessera_model.cpu_kernels.layer_norm`) where :func:`use_attention_kernel` holds for
-    ``x``, else torch's (then ``out`` is not used)."""
+    ``x``, else torch's (then ``out`` is not used). ``q_out``: buffers that also receive the
+    result's int8 rows (:func:`tessera_model.int8.quantise_rows`)."""
     if use_attention_kernel(x):
-        return cpu_kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, out)
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return cpu_kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, out, q_out)
+    y = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    if q_out is not None:
+        quantise_into(y, q_out)
+    return y
+
+
+def _layer_q(ws: dict, rows: int, width: int, name: str) -> Quantised:
+    """Workspace buffers for int8 rows and their scales (:data:`tessera_model.int8.Quantised`)."""
+    return (_buf(ws, f"{name}_q", (rows, width), torch.int8),
+            _buf(ws, f"{name}_s", (rows, 1), torch.float32))  # fmt: skip
 
 
 def encoder_layer_cpu(
@@ -270,6 +288,18 @@ def encoder_layer_cpu(
     Returns:
         (B, T, d).
     """
+    return _encoder_layer(layer, x, ws, qweights)[0]
+
+
+def _encoder_layer(
+    layer: nn.TransformerEncoderLayer, x: Tensor, ws: dict | None,
+    qweights: dict[str, QuantisedWeight] | None, xq: Quantised | None = None,
+    want_q: bool = False,
+) -> tuple[Tensor, Quantised | None]:  # fmt: skip
+    """:func:`encoder_layer_cpu`; under int8 weights, also takes ``x``'s int8 rows (``xq``)
+    and, with ``want_q``, returns the output's (the next layer's input) beside it: every int8
+    input is made by the kernel that produced its float rows, while they are in cache (the
+    values of quantising them afterwards)."""
     ws = {} if ws is None else ws
     qw = qweights or {}
     b, t, d = x.shape
@@ -277,10 +307,12 @@ def encoder_layer_cpu(
     heads = attn.num_heads
     dh = d // heads
     h = x.reshape(b * t, d)
-    qkv = linear(
-        h, attn.in_proj_weight, attn.in_proj_bias, qw.get("in_proj"),
-        _buffer(ws, "qkv", (b * t, 3 * d), h), ws,
-    )  # fmt: skip
+    int8 = isinstance(qw.get("linear1"), QuantisedWeight)
+    qkv_buf = _buffer(ws, "qkv", (b * t, 3 * d), h)
+    if int8 and xq is not None:
+        qkv = int8_linear(None, qw["in_proj"], qkv_buf, ws, xq=xq)
+    else:
+        qkv = linear(h, attn.in_proj_weight, attn.in_proj_bias, qw.get("in_proj"), qkv_buf, ws)
     if use_attention_kernel(qkv):
         a = cpu_kernels.attention(qkv, b, t, heads, dh, _buffer(ws, "a_tok", (b * t, d), h))
     elif dh >= SDPA_MIN_HEAD_DIM:
@@ -299,11 +331,18 @@ def encoder_layer_cpu(
     out_proj = attn.out_proj
     o = linear(a, out_proj.weight, out_proj.bias, qw.get("out_proj"),
                _buffer(ws, "o", (b * t, d), h), ws, residual=h)  # fmt: skip
-    h = _layer_norm_cpu(o, layer.norm1, _buffer(ws, "ln1", (b * t, d), o))
-    f = linear(
-        h, layer.linear1.weight, layer.linear1.bias, qw.get("linear1"),
-        _buffer(ws, "ffn", (b * t, layer.linear1.out_features), h), ws, relu=True,
-    )  # fmt: skip
-    o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o, ws, residual=h)
-    o = _layer_norm_cpu(o, layer.norm2, torch.empty_like(o))  # fresh: the layer's output
-    return o.view(b, t, d)
+    ln1_q = _layer_q(ws, b * t, d, "ln1") if int8 else None
+    h = _layer_norm_cpu(o, layer.norm1, _buffer(ws, "ln1", (b * t, d), o), ln1_q)
+    ffn = layer.linear1.out_features
+    if int8:  # the FFN's hidden rows only ever exist as int8 (quantised in the epilogue)
+        fq = _layer_q(ws, b * t, ffn, "ffn")
+        int8_linear(h, qw["linear1"], None, ws, relu=True, xq=ln1_q, q_out=fq, float_out=False)
+        o = int8_linear(None, qw["linear2"], o, ws, residual=h, xq=fq)
+    else:
+        f = linear(h, layer.linear1.weight, layer.linear1.bias, qw.get("linear1"),
+                   _buffer(ws, "ffn", (b * t, ffn), h), ws, relu=True)  # fmt: skip
+        o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o, ws,
+                   residual=h)  # fmt: skip
+    out_q = _layer_q(ws, b * t, d, "out") if int8 and want_q else None
+    o = _layer_norm_cpu(o, layer.norm2, torch.empty_like(o), out_q)  # fresh: the layer's output
+    return o.view(b, t, d), out_q

@@ -59,6 +59,8 @@ MIN_ROWS_PER_THREAD = 4096
 memory-bound and cheap per row (10-70 ns), so a hand-off to the pool pays only for large calls
 (two threads, wall clock: with 256, ``small`` 0.93x and v2-nano 0.84x the pixels/s of 4096;
 never splitting: 1.04x and 1.02x, within noise)."""
+MAX_SCRATCH_ROW = 16384
+"""Widest row :func:`dequantise` takes without a float result (its stack scratch; quant.c)."""
 CHECK_TOLERANCE = 1e-5
 """Largest error of the load-time self-check, relative to the output's magnitude (at least 1)."""
 
@@ -135,12 +137,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tessera_attention_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.tessera_attention_scratch.restype = ctypes.c_int64
     lib.tessera_layer_norm.argtypes = (
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float]
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 2
     )
     lib.tessera_layer_norm.restype = ctypes.c_int
     lib.tessera_quantise_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     lib.tessera_quantise_rows.restype = ctypes.c_int
-    lib.tessera_dequantise.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 3
+    lib.tessera_dequantise.argtypes = (
+        [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    )
     lib.tessera_dequantise.restype = ctypes.c_int
     return lib
 
@@ -194,6 +198,10 @@ def _check(lib: ctypes.CDLL) -> None:
         want = torch.nn.functional.layer_norm(x.double(), (d,), w.double(), b.double(), 1e-5)
         for wb in ((w, b), (None, None)):
             got = _layer_norm(lib, x, *wb, 1e-5, torch.empty_like(x), 1)
+            q, s = torch.empty(rows, d, dtype=torch.int8), torch.empty(rows, 1)
+            got_q = _layer_norm(lib, x, *wb, 1e-5, torch.empty_like(x), 1, (q, s))
+            if not (torch.equal(got_q, got) and _same_quantisation(lib, got, q, s)):
+                raise RuntimeError(f"layer_norm self-check failed (d={d}): fused int8 rows")
             ref = want if wb[0] is not None else torch.nn.functional.layer_norm(
                 x.double(), (d,), eps=1e-5)  # fmt: skip
             err = float((got - ref).abs().max())
@@ -220,6 +228,17 @@ def _check_quant(lib: ctypes.CDLL, gen: torch.Generator) -> None:
     y_ref = torch.addcmul(b, acc * sw, s).add_(res).relu_()
     if not torch.allclose(y, y_ref, rtol=1e-6, atol=1e-6):
         raise RuntimeError("dequantise self-check failed: values differ from torch's")
+    q2, s2 = torch.empty(6, 21, dtype=torch.int8), torch.empty(6, 1)
+    _dequantise(lib, acc, sw, s, b, res, True, None, 1, (q2, s2))
+    if not _same_quantisation(lib, y, q2, s2):
+        raise RuntimeError("dequantise self-check failed: fused int8 rows")
+
+
+def _same_quantisation(lib: ctypes.CDLL, y: Tensor, q: Tensor, s: Tensor) -> bool:
+    """Whether ``(q, s)`` is exactly :func:`quantise_rows` of ``y``."""
+    q_ref, s_ref = torch.empty_like(q), torch.empty_like(s)
+    _quantise_rows(lib, y, q_ref, s_ref, 1)
+    return torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
 def _scratch_for(lib: ctypes.CDLL, t: int, dh: int) -> Tensor:
@@ -270,13 +289,15 @@ def _attention(lib: ctypes.CDLL, qkv: Tensor, n: int, t: int, heads: int, dh: in
 
 
 def _layer_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                eps: float, out: Tensor, threads: int) -> Tensor:  # fmt: skip
+                eps: float, out: Tensor, threads: int,
+                q_out: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     rows, d = x.shape
     w = 0 if weight is None else weight.data_ptr()
     b = 0 if bias is None else bias.data_ptr()
+    q, qs = (0, 0) if q_out is None else (q_out[0].data_ptr(), q_out[1].data_ptr())
 
     def part(r0: int, r1: int) -> None:
-        if lib.tessera_layer_norm(x.data_ptr(), out.data_ptr(), w, b, r0, r1, d, eps) != 0:
+        if lib.tessera_layer_norm(x.data_ptr(), out.data_ptr(), w, b, r0, r1, d, eps, q, qs):
             raise RuntimeError(f"tessera_layer_norm rejected d={d}")
 
     _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
@@ -325,11 +346,14 @@ def attention(
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-               out: Tensor | None = None) -> Tensor:  # fmt: skip
+               out: Tensor | None = None,
+               q_out: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     """``F.layer_norm(x, (d,), weight, bias, eps)`` of ``(rows, d)`` float32 rows.
 
-    ``out`` may be ``x`` itself (in place). Raises ``RuntimeError`` when the kernels are not
-    :func:`available`.
+    ``out`` may be ``x`` itself (in place). ``q_out``: optional ``(q, scale)`` buffers
+    (``(rows, d)`` int8, ``(rows, 1)`` float32) that also receive the output's
+    :func:`quantise_rows` (the same values; made while each row is in cache). Raises
+    ``RuntimeError`` when the kernels are not :func:`available`.
     """
     lib = _library_or_raise()
     _check_f32("x", x, tuple(x.shape))
@@ -340,7 +364,18 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
             _check_f32(name, p, (x.shape[1],))
     out = torch.empty_like(x) if out is None else out
     _check_f32("out", out, tuple(x.shape))
-    return _layer_norm(lib, x, weight, bias, eps, out, torch.get_num_threads())
+    _check_q_out(q_out, tuple(x.shape))
+    return _layer_norm(lib, x, weight, bias, eps, out, torch.get_num_threads(), q_out)
+
+
+def _check_q_out(q_out: tuple[Tensor, Tensor] | None, shape: tuple[int, ...]) -> None:
+    if q_out is None:
+        return
+    q, scale = q_out
+    if q.dtype != torch.int8 or not q.is_contiguous() or tuple(q.shape) != shape:
+        raise ValueError(f"Expected q int8 contiguous of shape {shape}. Got {q.dtype} "
+                         f"{tuple(q.shape)}.")  # fmt: skip
+    _check_f32("scale", scale, (shape[0], 1))
 
 
 def _quantise_rows(lib: ctypes.CDLL, x: Tensor, q: Tensor, scale: Tensor, threads: int) -> None:
@@ -354,15 +389,17 @@ def _quantise_rows(lib: ctypes.CDLL, x: Tensor, q: Tensor, scale: Tensor, thread
 
 
 def _dequantise(lib: ctypes.CDLL, acc: Tensor, w_scale: Tensor, x_scale: Tensor,
-                bias: Tensor | None, residual: Tensor | None, relu: bool, out: Tensor,
-                threads: int) -> None:  # fmt: skip
+                bias: Tensor | None, residual: Tensor | None, relu: bool, out: Tensor | None,
+                threads: int, q_out: tuple[Tensor, Tensor] | None = None) -> None:  # fmt: skip
     rows, n = acc.shape
     b = 0 if bias is None else bias.data_ptr()
     r = 0 if residual is None else residual.data_ptr()
-    ptrs = (acc.data_ptr(), out.data_ptr(), w_scale.data_ptr(), x_scale.data_ptr(), b, r)
+    y = 0 if out is None else out.data_ptr()
+    ptrs = (acc.data_ptr(), y, w_scale.data_ptr(), x_scale.data_ptr(), b, r)
+    q, qs = (0, 0) if q_out is None else (q_out[0].data_ptr(), q_out[1].data_ptr())
 
     def part(r0: int, r1: int) -> None:
-        if lib.tessera_dequantise(*ptrs, int(relu), r0, r1, n):
+        if lib.tessera_dequantise(*ptrs, int(relu), r0, r1, n, q, qs):
             raise RuntimeError(f"tessera_dequantise rejected n={n}")
 
     _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
@@ -373,16 +410,21 @@ def quantise_rows(x: Tensor, q: Tensor, scale: Tensor) -> None:
     ``scale`` (``(rows, 1)`` float32): :func:`tessera_model.int8.quantise_rows`'s values."""
     lib = _library_or_raise()
     _check_f32("x", x, tuple(x.shape))
-    _check_f32("scale", scale, (x.shape[0], 1))
-    if q.dtype != torch.int8 or not q.is_contiguous() or q.shape != x.shape:
-        raise ValueError(f"Expected q int8 contiguous of shape {tuple(x.shape)}.")
+    _check_q_out((q, scale), tuple(x.shape))
     _quantise_rows(lib, x, q, scale, torch.get_num_threads())
 
 
 def dequantise(acc: Tensor, w_scale: Tensor, x_scale: Tensor, bias: Tensor | None,
-               residual: Tensor | None, relu: bool, out: Tensor) -> Tensor:  # fmt: skip
+               residual: Tensor | None, relu: bool, out: Tensor | None,
+               q_out: tuple[Tensor, Tensor] | None = None) -> Tensor | None:  # fmt: skip
     """``relu((acc * w_scale) * x_scale + bias + residual)`` of an int8 GEMM's ``(rows, n)`` int32
-    product into ``out`` (float32), as :func:`tessera_model.int8.int8_linear` computes it."""
+    product into ``out`` (float32), as :func:`tessera_model.int8.int8_linear` computes it.
+
+    ``q_out``: optional ``(q, scale)`` buffers (``(rows, n)`` int8, ``(rows, 1)`` float32) that
+    also receive the result's :func:`quantise_rows` (the next int8 layer's input, made while
+    each row is in cache); with it ``out`` may be ``None`` (no float result is written, and
+    ``None`` is returned).
+    """
     lib = _library_or_raise()
     rows, n = acc.shape
     if acc.dtype != torch.int32 or not acc.is_contiguous():
@@ -393,6 +435,13 @@ def dequantise(acc: Tensor, w_scale: Tensor, x_scale: Tensor, bias: Tensor | Non
         _check_f32("bias", bias, (n,))
     if residual is not None:
         _check_f32("residual", residual, (rows, n))
-    _check_f32("out", out, (rows, n))
-    _dequantise(lib, acc, w_scale, x_scale, bias, residual, relu, out, torch.get_num_threads())
+    if out is None and q_out is None:
+        raise ValueError("Expected out or q_out (dequantise needs somewhere to write).")
+    if out is None and n > MAX_SCRATCH_ROW:
+        raise ValueError(f"Expected out for rows wider than {MAX_SCRATCH_ROW}. Got {n}.")
+    if out is not None:
+        _check_f32("out", out, (rows, n))
+    _check_q_out(q_out, (rows, n))
+    _dequantise(lib, acc, w_scale, x_scale, bias, residual, relu, out, torch.get_num_threads(),
+                q_out)  # fmt: skip
     return out

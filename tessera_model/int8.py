@@ -35,6 +35,8 @@ from tessera_model import cpu_kernels
 PRECISIONS = ("fp32", "int8-dynamic")
 """Inference precisions of :meth:`TesseraModel.encode` (``int8-dynamic``: CPU only)."""
 QMAX = 127.0
+Quantised = tuple[Tensor, Tensor]
+"""Rows already quantised: ``(q (M, K) int8, scale (M, 1) float32)``, as :func:`quantise_rows`."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def _buf(ws: dict | None, name: str, shape: tuple[int, ...], dtype: torch.dtype)
     return ws[key]
 
 
-def quantise_rows(x: Tensor, ws: dict | None = None) -> tuple[Tensor, Tensor]:
+def quantise_rows(x: Tensor, ws: dict | None = None) -> Quantised:
     """Per-row symmetric int8 of a (M, K) float tensor: ``(q (M, K) int8, scale (M, 1))``.
 
     ``ws``: optional buffers reused between calls of one shape (no fresh multi-MB tensors).
@@ -109,38 +111,65 @@ def quantise_rows(x: Tensor, ws: dict | None = None) -> tuple[Tensor, Tensor]:
 
 
 def int8_linear(
-    x: Tensor, qw: QuantisedWeight, out: Tensor | None = None, ws: dict | None = None,
-    residual: Tensor | None = None, relu: bool = False,
-) -> Tensor:  # fmt: skip
+    x: Tensor | None, qw: QuantisedWeight, out: Tensor | None = None, ws: dict | None = None,
+    residual: Tensor | None = None, relu: bool = False, *, xq: Quantised | None = None,
+    q_out: Quantised | None = None, float_out: bool = True,
+) -> Tensor | None:  # fmt: skip
     """``x @ W.T + b`` (then ``+ residual``, then ReLU) for a (M, K) float32 ``x`` through int8
     (module docstring).
 
     Args:
-        x: (M, K) float32, any M >= 1.
+        x: (M, K) float32, any M >= 1 (``None`` when ``xq`` is given).
         qw: the layer's :class:`QuantisedWeight`.
         out: optional (M, N) float32 buffer.
         ws: optional workspace for the int8 input and the int32 product.
         residual: optional (M, N) float32 added after the bias.
         relu: apply ReLU last.
+        xq: ``x`` already quantised (:func:`quantise_rows` of it, for instance made by the
+            layer that produced ``x``): skips the quantisation.
+        q_out: optional buffers that also receive :func:`quantise_rows` of the result (the
+            next int8 layer's ``xq``).
+        float_out: ``False`` (with ``q_out``): no float result; returns ``None``.
 
     Returns:
-        (M, N) float32. The quantisation and the epilogue run as one pass each through
-        :mod:`tessera_model.cpu_kernels` where available (the same values).
+        (M, N) float32 (or ``None``, see ``float_out``). The quantisation and the epilogue
+        run as one pass each through :mod:`tessera_model.cpu_kernels` where available (the
+        same values).
     """
-    q, sx = quantise_rows(x, ws)
-    n = qw.wq_t.shape[1]
-    acc = torch._int_mm(q, qw.wq_t, out=_buf(ws, "acc", (x.shape[0], n), torch.int32))
+    if xq is None:
+        if x is None:
+            raise ValueError("Expected x or xq.")
+        xq = quantise_rows(x, ws)
+    q, sx = xq
+    m, n = q.shape[0], qw.wq_t.shape[1]
+    if not float_out and q_out is None:
+        raise ValueError("Expected q_out when float_out is False.")
+    acc = torch._int_mm(q, qw.wq_t, out=_buf(ws, "acc", (m, n), torch.int32))
     if (
         cpu_kernels.available() and (out is None or out.is_contiguous())
         and (residual is None or (residual.is_contiguous() and residual.dtype == torch.float32))
+        and (float_out or n <= cpu_kernels.MAX_SCRATCH_ROW)
     ):  # fmt: skip
-        y = torch.empty(x.shape[0], n, dtype=torch.float32) if out is None else out
-        return cpu_kernels.dequantise(acc, qw.scale, sx, qw.bias, residual, relu, y)
+        y = None if not float_out else torch.empty(m, n) if out is None else out
+        return cpu_kernels.dequantise(acc, qw.scale, sx, qw.bias, residual, relu, y, q_out)
     y = torch.mul(acc, qw.scale, out=out) if out is not None else acc * qw.scale
     y = y.mul_(sx) if qw.bias is None else torch.addcmul(qw.bias, y, sx, out=y)
     if residual is not None:
         y.add_(residual)
-    return y.relu_() if relu else y
+    y = y.relu_() if relu else y
+    if q_out is not None:
+        quantise_into(y, q_out)
+    return y if float_out else None
+
+
+def quantise_into(x: Tensor, q_out: Quantised) -> None:
+    """:func:`quantise_rows` of (M, K) float32 ``x`` into the buffers ``q_out``."""
+    if cpu_kernels.available() and x.is_contiguous() and x.dtype == torch.float32:
+        cpu_kernels.quantise_rows(x, *q_out)
+        return
+    q, s = quantise_rows(x)
+    q_out[0].copy_(q)
+    q_out[1].copy_(s)
 
 
 def onednn_available() -> bool:

@@ -11,6 +11,10 @@
 
 #include "vec.h"
 
+/* quant.c: rows x[i * ldx], i < nr <= 4, quantised to int8 with one scale per row */
+void tessera_quantise_block(const float *x, int64_t ldx, int nr, int8_t *q, float *scale,
+                            int64_t k);
+
 /* Row sum of x (d floats) as a vector of partial sums; with shift, of (x - shift)^2. */
 static inline __attribute__((always_inline)) vf row_partials(const float *x, int64_t full,
                                                             int64_t tail, vi keep, const vf *shift) {
@@ -52,9 +56,11 @@ static inline __attribute__((always_inline)) void row_normalise(
 }
 
 /* Rows [r0, r1) of x (rows, d) into y (may be x); w and b: (d,) or NULL (no affine). Rows go
- * in blocks of eight whose horizontal sums are reduced together (sums8). */
+ * in blocks of eight whose horizontal sums are reduced together (sums8). With q (rows, d) int8
+ * and qs (rows,), the output rows are also quantised (quant.c: the next int8 layer's input),
+ * while they are in the first-level cache. */
 int tessera_layer_norm(const float *x, float *y, const float *w, const float *b, int64_t r0,
-                       int64_t r1, int64_t d, float eps) {
+                       int64_t r1, int64_t d, float eps, int8_t *q, float *qs) {
     if (d < 1) return -1;
     const int64_t full = d / W * W, tail = d - full;
     const float inv_d = 1.0f / (float)d;
@@ -76,6 +82,11 @@ int tessera_layer_norm(const float *x, float *y, const float *w, const float *b,
         for (int k = 0; k < nr; k++)
             row_normalise(x + (r + k) * d, y + (r + k) * d, w, b, full, tail, mk[k],
                           splat(1.0f / sqrtf(var[2 * k] + eps)));
+        if (q) {
+            for (int k = 0; k < nr; k += 4)
+                tessera_quantise_block(y + (r + k) * d, d, nr - k < 4 ? nr - k : 4,
+                                       q + (r + k) * d, qs + r + k, d);
+        }
     }
     return 0;
 }

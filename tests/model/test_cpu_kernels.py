@@ -182,3 +182,95 @@ def test_int8_kernels_give_the_torch_forms_bits(monkeypatch: pytest.MonkeyPatch)
     assert torch.equal(fast_q[0], slow_q[0]) and torch.equal(fast_q[1], slow_q[1])
     for a, b in zip(fast, slow, strict=True):
         assert torch.equal(a, b)
+
+
+@needs_cc
+@pytest.mark.parametrize("d", [7, 64, 144, 384])
+def test_fused_int8_rows_are_quantise_rows_of_the_result(d: int) -> None:
+    """LayerNorm and the int8 epilogue quantise their output rows in cache: exactly the values
+    of quantising the float result afterwards (rows not a multiple of the 4-row blocks)."""
+    from tessera_model.int8 import quantise_rows, quantise_weight
+
+    gen = torch.Generator().manual_seed(d)
+    rows = 4 * 8 + 3
+    x = torch.randn(rows, d, generator=gen) * 3 + 0.5
+    x[5] = 0.0  # a zero row: scale 1
+    w, b = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    q = (torch.empty(rows, d, dtype=torch.int8), torch.empty(rows, 1))
+    y = cpu_kernels.layer_norm(x, w, b, 1e-5, None, q)
+    want = quantise_rows(y.clone())
+    assert torch.equal(q[0], want[0]) and torch.equal(q[1], want[1])
+    assert torch.equal(y, cpu_kernels.layer_norm(x, w, b, 1e-5))  # the float rows unchanged
+
+    qw = quantise_weight(torch.randn(d + 5, d, generator=gen), torch.randn(d + 5, generator=gen))
+    xq = quantise_rows(x)
+    acc = torch._int_mm(xq[0], qw.wq_t)
+    res = torch.randn(rows, d + 5, generator=gen)
+    for residual, relu in ((None, True), (res, False)):
+        y = cpu_kernels.dequantise(acc, qw.scale, xq[1], qw.bias, residual, relu,
+                                   torch.empty(rows, d + 5))  # fmt: skip
+        q = (torch.empty(rows, d + 5, dtype=torch.int8), torch.empty(rows, 1))
+        assert cpu_kernels.dequantise(acc, qw.scale, xq[1], qw.bias, residual, relu, None, q) is None
+        want = quantise_rows(y)
+        assert torch.equal(q[0], want[0]) and torch.equal(q[1], want[1])
+
+
+@needs_cc
+def test_int8_linear_chained_inputs_match_the_unfused_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera_model.int8 import int8_linear, quantise_rows, quantise_weight
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(50, 40, generator=gen)
+    l1, l2 = nn.Linear(40, 96), nn.Linear(96, 40)
+    q1, q2 = quantise_weight(l1.weight, l1.bias), quantise_weight(l2.weight, l2.bias)
+    with torch.inference_mode():
+        want = int8_linear(int8_linear(x, q1, relu=True), q2, residual=x)
+        for kernels in (True, False):
+            monkeypatch.setattr(cpu_kernels, "available", lambda k=kernels: k)
+            fq = (torch.empty(50, 96, dtype=torch.int8), torch.empty(50, 1))
+            assert int8_linear(None, q1, relu=True, xq=quantise_rows(x), q_out=fq,
+                               float_out=False) is None  # fmt: skip
+            got = int8_linear(None, q2, residual=x, xq=fq)
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="xq"):
+        int8_linear(None, q1)
+    with pytest.raises(ValueError, match="q_out"):
+        int8_linear(x, q1, float_out=False)
+
+
+@needs_cc
+@pytest.mark.parametrize("preset", ["small", "v2-nano"])
+def test_int8_encode_is_unchanged_by_fused_quantisation(
+    preset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int8 path quantises each layer input where it is produced; the embeddings are
+    bit-identical to quantising every input afterwards."""
+    from tessera_model import ModelSpec, TesseraModel
+    from tessera_model.int8 import quantise_into
+
+    torch.manual_seed(0)
+    model = TesseraModel(ModelSpec.preset(preset), with_projector=False).eval()
+    gen = torch.Generator().manual_seed(1)
+    s2, s1 = torch.randn(20, 24, 11, generator=gen), torch.randn(20, 30, 3, generator=gen)
+    s2[..., -1] = torch.randint(1, 366, (20, 24), generator=gen).float()
+    s1[..., -1] = torch.randint(1, 366, (20, 30), generator=gen).float()
+    with torch.inference_mode():
+        fused = model.encode(s2, s1, "int8-dynamic")
+        ln, deq = cpu_kernels.layer_norm, cpu_kernels.dequantise
+
+        def ln_after(x, w, b, eps, out=None, q_out=None):
+            y = ln(x, w, b, eps, out)
+            if q_out is not None:
+                quantise_into(y, q_out)
+            return y
+
+        def deq_after(acc, sw, sx, bias, res, relu, out, q_out=None):
+            y = deq(acc, sw, sx, bias, res, relu, torch.empty(acc.shape) if out is None else out)
+            if q_out is not None:
+                quantise_into(y, q_out)
+            return out if out is None else y
+
+        monkeypatch.setattr(cpu_kernels, "layer_norm", ln_after)
+        monkeypatch.setattr(cpu_kernels, "dequantise", deq_after)
+        unfused = model.encode(s2, s1, "int8-dynamic")
+    assert torch.equal(fused, unfused)
