@@ -45,15 +45,17 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("attention.c", "layernorm.c", "quant.c")
+SOURCES = ("attention.c", "layernorm.c", "quant.c", "gemm_i8.c")
 HEADERS = ("vec.h",)
-SOURCE_FLAGS = {"quant.c": ("-ffp-contract=off",)}
+SOURCE_FLAGS = {"quant.c": ("-ffp-contract=off",), "gemm_i8.c": ("-ffp-contract=off",)}
 """Per-source flags: the int8 kernels round every product as torch does (``quant.c``)."""
 CFLAGS = ("-O3", "-march=native", "-std=gnu11", "-fno-math-errno", "-shared", "-fPIC")
 ENV_SWITCH = "TESSERA_CPU_KERNELS"
 ENV_CACHE = "TESSERA_KERNEL_CACHE"
 MIN_PIXELS_PER_THREAD = 4
 """Least pixels per thread when :func:`attention` splits a call (below, one thread)."""
+MIN_GEMM_ROWS_PER_THREAD = 64
+"""Least rows per thread when :func:`gemm_i8` splits a call (its work per row is a GEMM row)."""
 MIN_ROWS_PER_THREAD = 4096
 """Least rows per thread when :func:`layer_norm` and the int8 kernels split a call: they are
 memory-bound and cheap per row (10-70 ns), so a hand-off to the pool pays only for large calls
@@ -146,6 +148,12 @@ def _load(path: Path) -> ctypes.CDLL:
         [ctypes.c_void_p] * 6 + [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     )
     lib.tessera_dequantise.restype = ctypes.c_int
+    lib.tessera_gemm_i8.argtypes = (
+        [ctypes.c_void_p] * 7 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    )
+    lib.tessera_gemm_i8.restype = ctypes.c_int
+    lib.tessera_gemm_i8_supported.argtypes = []
+    lib.tessera_gemm_i8_supported.restype = ctypes.c_int
     return lib
 
 
@@ -232,6 +240,28 @@ def _check_quant(lib: ctypes.CDLL, gen: torch.Generator) -> None:
     _dequantise(lib, acc, sw, s, b, res, True, None, 1, (q2, s2))
     if not _same_quantisation(lib, y, q2, s2):
         raise RuntimeError("dequantise self-check failed: fused int8 rows")
+    if lib.tessera_gemm_i8_supported():
+        _check_gemm_i8(lib, gen)
+
+
+def _check_gemm_i8(lib: ctypes.CDLL, gen: torch.Generator) -> None:
+    """The fused int8 GEMM gives exactly ``torch._int_mm`` then the epilogue kernel's values."""
+    from tessera_model.int8 import pack_vnni  # the weight layout is the model's
+
+    for rows, n, k, relu in ((11, 37, 20, True), (9, 64, 36, False), (3, 24, 144, True)):
+        q = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        sx, sw = torch.rand(rows, 1, generator=gen), torch.rand(n, generator=gen)
+        b, res = torch.randn(n, generator=gen), torch.randn(rows, n, generator=gen)
+        packed, comp = pack_vnni(w)
+        want = torch.empty(rows, n)
+        acc = (q.long() @ w.long().t()).to(torch.int32)  # exact
+        _dequantise(lib, acc, sw, sx, b, res, relu, want, 1)
+        got = torch.empty(rows, n)
+        qo, so = torch.empty(rows, n, dtype=torch.int8), torch.empty(rows, 1)
+        _gemm_i8(lib, q, packed, comp, sw, sx, b, res, relu, got, (qo, so), 1)
+        if not (torch.equal(got, want) and _same_quantisation(lib, want, qo, so)):
+            raise RuntimeError(f"gemm_i8 self-check failed (n={n}, k={k})")
 
 
 def _same_quantisation(lib: ctypes.CDLL, y: Tensor, q: Tensor, s: Tensor) -> bool:
@@ -403,6 +433,81 @@ def _dequantise(lib: ctypes.CDLL, acc: Tensor, w_scale: Tensor, x_scale: Tensor,
             raise RuntimeError(f"tessera_dequantise rejected n={n}")
 
     _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
+
+
+def gemm_i8_available() -> bool:
+    """True when :func:`gemm_i8` runs here (the kernels are :func:`available` and the CPU and
+    compiler have AVX-512 VNNI)."""
+    lib = _library()
+    return lib is not None and bool(lib.tessera_gemm_i8_supported())
+
+
+def _gemm_i8(lib: ctypes.CDLL, q: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor,
+             x_scale: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool,
+             out: Tensor | None, q_out: tuple[Tensor, Tensor] | None,
+             threads: int) -> None:  # fmt: skip
+    rows, k = q.shape
+    n = w_scale.shape[0]
+
+    def ptr(t: Tensor | None) -> int:
+        return 0 if t is None else t.data_ptr()
+
+    head = (q.data_ptr(), packed.data_ptr(), comp.data_ptr(), w_scale.data_ptr(),
+            x_scale.data_ptr(), ptr(bias), ptr(residual), int(relu), ptr(out))  # fmt: skip
+    tail = (ptr(None if q_out is None else q_out[0]), ptr(None if q_out is None else q_out[1]))
+
+    def part(r0: int, r1: int) -> None:
+        rc = lib.tessera_gemm_i8(*head, *tail, r0, r1, n, k)
+        if rc:
+            raise RuntimeError(f"tessera_gemm_i8 rejected n={n}, k={k} (code {rc})")
+
+    _split(rows, max(1, min(threads, rows // MIN_GEMM_ROWS_PER_THREAD)), part)
+
+
+def gemm_i8(q: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, x_scale: Tensor,
+            bias: Tensor | None, residual: Tensor | None, relu: bool, out: Tensor | None,
+            q_out: tuple[Tensor, Tensor] | None = None) -> Tensor | None:  # fmt: skip
+    """The int8 GEMM with its epilogue fused: :func:`dequantise` of ``torch._int_mm(q, W^T)``
+    (the same bits), without the int32 product in memory.
+
+    Args:
+        q: (rows, k) int8 activations, ``k`` a multiple of 4.
+        packed, comp: the weight as :func:`tessera_model.int8.pack_vnni` packs it.
+        w_scale: (n,) float32; x_scale: (rows, 1) float32; bias: (n,) or ``None``;
+        residual: (rows, n) float32 or ``None``; relu: ReLU last.
+        out: (rows, n) float32, or ``None`` with ``q_out`` (only the int8 rows are kept).
+        q_out: optional ``(q, scale)`` buffers for the result's :func:`quantise_rows`.
+
+    Raises:
+        RuntimeError: when :func:`gemm_i8_available` is False.
+    """
+    lib = _library_or_raise()
+    if not lib.tessera_gemm_i8_supported():
+        raise RuntimeError("the int8 GEMM kernel needs AVX-512 VNNI (see gemm_i8_available())")
+    rows, k = q.shape
+    n = w_scale.shape[0]
+    if q.dtype != torch.int8 or not q.is_contiguous() or k % 4:
+        raise ValueError(f"Expected q int8 contiguous with k a multiple of 4. Got {q.dtype} "
+                         f"{tuple(q.shape)}.")  # fmt: skip
+    npad = -(-n // 16) * 16
+    if packed.dtype != torch.int8 or packed.numel() != npad * k or not packed.is_contiguous():
+        raise ValueError(f"Expected packed int8 of {npad * k} values (pack_vnni).")
+    if comp.dtype != torch.int32 or tuple(comp.shape) != (n,) or not comp.is_contiguous():
+        raise ValueError(f"Expected comp int32 of shape ({n},).")
+    _check_f32("w_scale", w_scale, (n,))
+    _check_f32("x_scale", x_scale, (rows, 1))
+    if bias is not None:
+        _check_f32("bias", bias, (n,))
+    if residual is not None:
+        _check_f32("residual", residual, (rows, n))
+    if out is None and (q_out is None or n > MAX_SCRATCH_ROW):
+        raise ValueError(f"Expected out (or q_out with n <= {MAX_SCRATCH_ROW}).")
+    if out is not None:
+        _check_f32("out", out, (rows, n))
+    _check_q_out(q_out, (rows, n))
+    _gemm_i8(lib, q, packed, comp, w_scale, x_scale, bias, residual, relu, out, q_out,
+             torch.get_num_threads())  # fmt: skip
+    return out
 
 
 def quantise_rows(x: Tensor, q: Tensor, scale: Tensor) -> None:

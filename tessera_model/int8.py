@@ -35,6 +35,11 @@ from tessera_model import cpu_kernels
 PRECISIONS = ("fp32", "int8-dynamic")
 """Inference precisions of :meth:`TesseraModel.encode` (``int8-dynamic``: CPU only)."""
 QMAX = 127.0
+USE_GEMM_I8 = True
+"""Run the int8 dense layers through the fused int8 GEMM kernel
+(:func:`tessera_model.cpu_kernels.gemm_i8`: the product and its epilogue in one pass, the same
+bits) where :func:`tessera_model.cpu_kernels.gemm_i8_available`; ``False``: ``torch._int_mm``
+then the epilogue kernel."""
 Quantised = tuple[Tensor, Tensor]
 """Rows already quantised: ``(q (M, K) int8, scale (M, 1) float32)``, as :func:`quantise_rows`."""
 
@@ -46,6 +51,8 @@ class QuantisedWeight:
     wq_t: Tensor  # (K, N) int8, the transposed quantised weight
     scale: Tensor  # (N,) float32
     bias: Tensor | None  # (N,) float32
+    vnni: Tensor | None = None  # the weight packed for the fused int8 GEMM (pack_vnni)
+    comp: Tensor | None = None  # (N,) int32, its column sums times 128 (pack_vnni)
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,36 @@ def quantise_weight(weight: Tensor, bias: Tensor | None) -> QuantisedWeight:
     amax = w.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
     wq = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    vnni, comp = pack_vnni(wq) if wq.shape[1] % 4 == 0 else (None, None)
     return QuantisedWeight(
-        wq.t().contiguous(), scale.contiguous(), None if bias is None else bias.detach().float()
-    )
+        wq.t().contiguous(), scale.contiguous(),
+        None if bias is None else bias.detach().float().contiguous(), vnni, comp,
+    )  # fmt: skip
+
+
+VNNI_PANEL = 32
+"""Columns per panel of :func:`pack_vnni` (``kernels/gemm_i8.c``: NR)."""
+
+
+def pack_vnni(wq: Tensor) -> tuple[Tensor, Tensor]:
+    """Lay out an int8 (N, K) weight for the fused int8 GEMM (:func:`tessera_model.cpu_kernels.
+    gemm_i8`, ``kernels/gemm_i8.c``): rows (output columns) padded with zeros to a multiple of
+    16, cut into panels of 32 (the last of 16 when 16 remain), each stored as ``[K / 4][its
+    columns][4]``; and ``comp = 128 * sum_k W[n, k]`` (int32, the offset of feeding the
+    activations as unsigned ``q + 128``). K must be a multiple of 4."""
+    n, k = wq.shape
+    if k % 4:
+        raise ValueError(f"Expected K a multiple of 4. Got {k}.")
+    npad = -(-n // 16) * 16
+    w = torch.zeros(npad, k, dtype=torch.int8)
+    w[:n] = wq
+    panels, n0 = [], 0
+    while n0 < npad:
+        width = VNNI_PANEL if npad - n0 >= VNNI_PANEL else 16
+        panels.append(w[n0 : n0 + width].view(width, k // 4, 4).permute(1, 0, 2).reshape(-1))
+        n0 += width
+    comp = (wq.to(torch.int32).sum(dim=1) * 128).to(torch.int32)
+    return torch.cat(panels).contiguous(), comp.contiguous()
 
 
 def _buf(ws: dict | None, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -144,6 +178,15 @@ def int8_linear(
     m, n = q.shape[0], qw.wq_t.shape[1]
     if not float_out and q_out is None:
         raise ValueError("Expected q_out when float_out is False.")
+    if (
+        USE_GEMM_I8 and qw.vnni is not None and cpu_kernels.gemm_i8_available()
+        and (out is None or out.is_contiguous()) and q.is_contiguous()
+        and (residual is None or (residual.is_contiguous() and residual.dtype == torch.float32))
+        and (float_out or n <= cpu_kernels.MAX_SCRATCH_ROW)
+    ):  # fmt: skip
+        y = None if not float_out else torch.empty(m, n) if out is None else out
+        return cpu_kernels.gemm_i8(q, qw.vnni, qw.comp, qw.scale, sx, qw.bias, residual, relu,
+                                   y, q_out)  # fmt: skip
     acc = torch._int_mm(q, qw.wq_t, out=_buf(ws, "acc", (m, n), torch.int32))
     if (
         cpu_kernels.available() and (out is None or out.is_contiguous())

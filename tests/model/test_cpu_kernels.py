@@ -243,9 +243,10 @@ def test_int8_linear_chained_inputs_match_the_unfused_form(monkeypatch: pytest.M
 def test_int8_encode_is_unchanged_by_fused_quantisation(
     preset: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The int8 path quantises each layer input where it is produced; the embeddings are
-    bit-identical to quantising every input afterwards."""
-    from tessera_model import ModelSpec, TesseraModel
+    """The int8 path quantises each layer input where it is produced (and, with VNNI, runs the
+    fused int8 GEMM); the embeddings are bit-identical to torch's int8 product, the epilogue and
+    quantising every input afterwards."""
+    from tessera_model import ModelSpec, TesseraModel, int8
     from tessera_model.int8 import quantise_into
 
     torch.manual_seed(0)
@@ -272,5 +273,85 @@ def test_int8_encode_is_unchanged_by_fused_quantisation(
 
         monkeypatch.setattr(cpu_kernels, "layer_norm", ln_after)
         monkeypatch.setattr(cpu_kernels, "dequantise", deq_after)
+        monkeypatch.setattr(int8, "USE_GEMM_I8", False)  # torch._int_mm, then deq_after
         unfused = model.encode(s2, s1, "int8-dynamic")
     assert torch.equal(fused, unfused)
+
+
+needs_vnni = pytest.mark.skipif(
+    not cpu_kernels.gemm_i8_available(), reason="the int8 GEMM kernel needs AVX-512 VNNI"
+)
+
+
+@needs_cc
+@needs_vnni
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 16, 4), (17, 37, 36), (9, 440, 144), (64, 144, 384)])
+def test_gemm_i8_gives_int_mm_and_epilogue_bits(rows: int, n: int, k: int) -> None:
+    """The fused int8 GEMM: exactly torch's int8 product followed by the epilogue kernel, for
+    column counts off the 16/32 panels and row counts off the 8-row blocks."""
+    from tessera_model.int8 import quantise_rows, quantise_weight
+
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k, generator=gen) * 2
+    qw = quantise_weight(torch.randn(n, k, generator=gen), torch.randn(n, generator=gen))
+    qw_nb = quantise_weight(torch.randn(n, k, generator=gen), None)
+    q, sx = quantise_rows(x)
+    res = torch.randn(rows, n, generator=gen)
+    for w in (qw, qw_nb):
+        acc = (q.long() @ w.wq_t.long()).to(torch.int32)  # exact
+        for residual, relu in ((None, False), (res, True), (res, False)):
+            want = cpu_kernels.dequantise(acc, w.scale, sx, w.bias, residual, relu,
+                                          torch.empty(rows, n))  # fmt: skip
+            got = cpu_kernels.gemm_i8(q, w.vnni, w.comp, w.scale, sx, w.bias, residual, relu,
+                                      torch.empty(rows, n))  # fmt: skip
+            assert torch.equal(got, want)
+            qo = (torch.empty(rows, n, dtype=torch.int8), torch.empty(rows, 1))
+            assert cpu_kernels.gemm_i8(q, w.vnni, w.comp, w.scale, sx, w.bias, residual, relu,
+                                       None, qo) is None  # fmt: skip
+            want_q = quantise_rows(want)
+            assert torch.equal(qo[0], want_q[0]) and torch.equal(qo[1], want_q[1])
+
+
+@needs_cc
+@needs_vnni
+def test_gemm_i8_thread_split_and_fallback_keep_the_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera_model import int8
+    from tessera_model.int8 import int8_linear, quantise_weight
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(700, 64, generator=gen)
+    lin = nn.Linear(64, 48)
+    qw = quantise_weight(lin.weight, lin.bias)
+    with torch.inference_mode():
+        one = int8_linear(x, qw, relu=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            two = int8_linear(x, qw, relu=True)
+        finally:
+            torch.set_num_threads(threads)
+        monkeypatch.setattr(int8, "USE_GEMM_I8", False)  # torch._int_mm, then the epilogue
+        unfused = int8_linear(x, qw, relu=True)
+    assert torch.equal(one, two) and torch.equal(one, unfused)
+
+
+@needs_cc
+def test_gemm_i8_rejects_bad_inputs() -> None:
+    from tessera_model.int8 import pack_vnni, quantise_weight
+
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pack_vnni(torch.zeros(8, 10, dtype=torch.int8))
+    qw = quantise_weight(torch.randn(8, 10), None)  # K = 10: no packed form, torch._int_mm
+    assert qw.vnni is None and qw.comp is None
+    if not cpu_kernels.gemm_i8_available():
+        return
+    qw = quantise_weight(torch.randn(8, 12), None)
+    q, s = torch.zeros(3, 12, dtype=torch.int8), torch.ones(3, 1)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cpu_kernels.gemm_i8(torch.zeros(3, 10, dtype=torch.int8), qw.vnni, qw.comp, qw.scale, s,
+                            None, None, False, torch.empty(3, 8))  # fmt: skip
+    with pytest.raises(ValueError, match="out"):
+        cpu_kernels.gemm_i8(q, qw.vnni, qw.comp, qw.scale, s, None, None, False, None)
+    with pytest.raises(ValueError, match="packed"):
+        cpu_kernels.gemm_i8(q, qw.vnni[:-1], qw.comp, qw.scale, s, None, None, False,
+                            torch.empty(3, 8))  # fmt: skip
