@@ -313,8 +313,10 @@ def _encoder_layer(
         qkv = int8_linear(None, qw["in_proj"], qkv_buf, ws, xq=xq)
     else:
         qkv = linear(h, attn.in_proj_weight, attn.in_proj_bias, qw.get("in_proj"), qkv_buf, ws)
+    att_q = None
     if use_attention_kernel(qkv):
-        a = cpu_kernels.attention(qkv, b, t, heads, dh, _buffer(ws, "a_tok", (b * t, d), h))
+        att_q = _layer_q(ws, b * t, d, "att") if int8 else None
+        a = cpu_kernels.attention(qkv, b, t, heads, dh, _buffer(ws, "a_tok", (b * t, d), h), att_q)
     elif dh >= SDPA_MIN_HEAD_DIM:
         q, k, v = qkv.view(b, t, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, d)
@@ -329,8 +331,11 @@ def _encoder_layer(
         a = torch.bmm(probs, v, out=_buffer(ws, "a", (b * heads, t, dh), h))
         a = a.view(b, heads, t, dh).transpose(1, 2).reshape(b * t, d)
     out_proj = attn.out_proj
-    o = linear(a, out_proj.weight, out_proj.bias, qw.get("out_proj"),
-               _buffer(ws, "o", (b * t, d), h), ws, residual=h)  # fmt: skip
+    o_buf = _buffer(ws, "o", (b * t, d), h)
+    if att_q is not None:
+        o = int8_linear(None, qw["out_proj"], o_buf, ws, residual=h, xq=att_q)
+    else:
+        o = linear(a, out_proj.weight, out_proj.bias, qw.get("out_proj"), o_buf, ws, residual=h)
     ln1_q = _layer_q(ws, b * t, d, "ln1") if int8 else None
     h = _layer_norm_cpu(o, layer.norm1, _buffer(ws, "ln1", (b * t, d), o), ln1_q)
     ffn = layer.linear1.out_features

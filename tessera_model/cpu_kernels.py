@@ -134,7 +134,9 @@ def _build() -> Path:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.tessera_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_float]
+    lib.tessera_attention.argtypes = (
+        [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2
+    )
     lib.tessera_attention.restype = ctypes.c_int
     lib.tessera_attention_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.tessera_attention_scratch.restype = ctypes.c_int64
@@ -303,13 +305,15 @@ def _split(n: int, parts: int, part: Callable[[int, int], None]) -> None:
 
 
 def _attention(lib: ctypes.CDLL, qkv: Tensor, n: int, t: int, heads: int, dh: int,
-               out: Tensor, threads: int) -> Tensor:  # fmt: skip
+               out: Tensor, threads: int,
+               q_out: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     scale = dh**-0.5
+    q, qs = (0, 0) if q_out is None else (q_out[0].data_ptr(), q_out[1].data_ptr())
 
     def part(p0: int, p1: int) -> None:
         scratch = _scratch_for(lib, t, dh)
         rc = lib.tessera_attention(
-            qkv.data_ptr(), out.data_ptr(), scratch.data_ptr(), p0, p1, t, heads, dh, scale
+            qkv.data_ptr(), out.data_ptr(), scratch.data_ptr(), p0, p1, t, heads, dh, scale, q, qs
         )
         if rc != 0:
             raise RuntimeError(f"tessera_attention rejected t={t}, dh={dh}")
@@ -350,8 +354,9 @@ def _check_f32(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
 
 
 def attention(
-    qkv: Tensor, n: int, t: int, heads: int, dh: int, out: Tensor | None = None
-) -> Tensor:
+    qkv: Tensor, n: int, t: int, heads: int, dh: int, out: Tensor | None = None,
+    q_out: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:  # fmt: skip
     """Multi-head self-attention of ``n`` pixels from their packed QKV projections.
 
     Args:
@@ -359,6 +364,8 @@ def attention(
             inside each part (the in-projection's output; ``d = heads dh``).
         n, t, heads, dh: pixels, tokens per pixel, heads, head width.
         out: optional ``(n t, d)`` float32 contiguous buffer.
+        q_out: optional ``(q, scale)`` buffers (``(n t, d)`` int8, ``(n t, 1)`` float32) that
+            also receive the output's :func:`quantise_rows` (made per pixel while in cache).
 
     Returns:
         ``(n t, d)``: the heads' outputs side by side per token (the out-projection's input),
@@ -372,7 +379,8 @@ def attention(
     _check_f32("qkv", qkv, (n * t, 3 * d))
     out = torch.empty(n * t, d, dtype=torch.float32) if out is None else out
     _check_f32("out", out, (n * t, d))
-    return _attention(lib, qkv, n, t, heads, dh, out, torch.get_num_threads())
+    _check_q_out(q_out, (n * t, d))
+    return _attention(lib, qkv, n, t, heads, dh, out, torch.get_num_threads(), q_out)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,

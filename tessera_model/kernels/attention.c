@@ -21,6 +21,10 @@
 
 #include "vec.h"
 
+/* quant.c: rows x[i * ldx], i < nr <= 4, quantised to int8 with one scale per row */
+void tessera_quantise_block(const float *x, int64_t ldx, int nr, int8_t *q, float *scale,
+                            int64_t k);
+
 #define R 8 /* query rows per register block (sums8 reduces eight) */
 
 /* Softmax numerators of one row of scores sr (tp columns, the last vector's lanes past t
@@ -118,10 +122,13 @@ int64_t tessera_attention_scratch(int64_t t, int64_t dh) {
  * out: (n, t, heads, dh) float32, contiguous (token rows of width d).
  * scratch: tessera_attention_scratch(t, dh) floats, owned by the calling thread.
  * scale: the score scale, 1 / sqrt(dh).
+ * q_out, qs: NULL, or (n t, d) int8 and (n t,) float32 that also receive the output rows'
+ * int8 form (quant.c, as tessera_quantise_rows makes it: the out-projection's int8 input).
  * Returns 0, or -1 for t < 1 or dh < 1 (nothing written).
  */
 int tessera_attention(const float *qkv, float *out, float *scratch, int64_t p0, int64_t p1,
-                      int64_t t, int64_t heads, int64_t dh, float scale) {
+                      int64_t t, int64_t heads, int64_t dh, float scale, int8_t *q_out,
+                      float *qs) {
     if (t < 1 || dh < 1) return -1;
     const int64_t d = heads * dh, row = 3 * d;
     const int64_t tp = (t + W - 1) / W * W;   /* key columns, padded */
@@ -166,6 +173,10 @@ int tessera_attention(const float *qkv, float *out, float *scratch, int64_t p0, 
                 rows_block(q + i0 * row, row, kt, vr, vstride, s, pr, obase + i0 * d + h * dh, d, t,
                            tp, dh, dhp, alpha, (int)(t - i0));
         }
+        if (q_out) /* the pixel's rows as int8 (quant.c), while they are in cache */
+            for (int64_t i = 0; i < t; i += 4)
+                tessera_quantise_block(obase + i * d, d, t - i < 4 ? (int)(t - i) : 4,
+                                       q_out + (p * t + i) * d, qs + p * t + i, d);
     }
     return 0;
 }

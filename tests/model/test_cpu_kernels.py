@@ -355,3 +355,18 @@ def test_gemm_i8_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="packed"):
         cpu_kernels.gemm_i8(q, qw.vnni[:-1], qw.comp, qw.scale, s, None, None, False,
                             torch.empty(3, 8))  # fmt: skip
+
+
+@needs_cc
+@pytest.mark.parametrize(("t", "dh"), [(5, 36), (40, 16)])
+def test_attention_int8_rows_are_quantise_rows_of_its_output(t: int, dh: int) -> None:
+    from tessera_model.int8 import quantise_rows
+
+    gen = torch.Generator().manual_seed(t)
+    n, heads = 3, 4
+    qkv = torch.randn(n * t, 3 * heads * dh, generator=gen)
+    q = (torch.empty(n * t, heads * dh, dtype=torch.int8), torch.empty(n * t, 1))
+    out = cpu_kernels.attention(qkv, n, t, heads, dh, None, q)
+    assert torch.equal(out, cpu_kernels.attention(qkv, n, t, heads, dh))
+    want = quantise_rows(out)
+    assert torch.equal(q[0], want[0]) and torch.equal(q[1], want[1])
