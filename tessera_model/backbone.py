@@ -331,23 +331,31 @@ def _encoder_layer(
         a = torch.bmm(probs, v, out=_buffer(ws, "a", (b * heads, t, dh), h))
         a = a.view(b, heads, t, dh).transpose(1, 2).reshape(b * t, d)
     out_proj = attn.out_proj
-    o_buf = _buffer(ws, "o", (b * t, d), h)
-    if att_q is not None:
-        o = int8_linear(None, qw["out_proj"], o_buf, ws, residual=h, xq=att_q)
-    else:
-        o = linear(a, out_proj.weight, out_proj.bias, qw.get("out_proj"), o_buf, ws, residual=h)
-    ln1_q = _layer_q(ws, b * t, d, "ln1") if int8 else None
-    h = _layer_norm_cpu(o, layer.norm1, _buffer(ws, "ln1", (b * t, d), o), ln1_q)
+    ln1 = _buffer(ws, "ln1", (b * t, d), h)
     ffn = layer.linear1.out_features
-    if int8:  # the FFN's hidden rows only ever exist as int8 (quantised in the epilogue)
+    if int8:
+        # int8: every GEMM ends in the next one's int8 rows, the post-LN LayerNorms run in the
+        # GEMM's epilogue (the residual sums never go to memory un-normalised), and the FFN's
+        # hidden rows only ever exist as int8
+        ln1_q = _layer_q(ws, b * t, d, "ln1")
+        h = int8_linear(a, qw["out_proj"], ln1, ws, residual=h, xq=att_q, q_out=ln1_q,
+                        norm=_norm(layer.norm1))  # fmt: skip
         fq = _layer_q(ws, b * t, ffn, "ffn")
         int8_linear(h, qw["linear1"], None, ws, relu=True, xq=ln1_q, q_out=fq, float_out=False)
-        o = int8_linear(None, qw["linear2"], o, ws, residual=h, xq=fq)
-    else:
-        f = linear(h, layer.linear1.weight, layer.linear1.bias, qw.get("linear1"),
-                   _buffer(ws, "ffn", (b * t, ffn), h), ws, relu=True)  # fmt: skip
-        o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o, ws,
-                   residual=h)  # fmt: skip
-    out_q = _layer_q(ws, b * t, d, "out") if int8 and want_q else None
-    o = _layer_norm_cpu(o, layer.norm2, torch.empty_like(o), out_q)  # fresh: the layer's output
-    return o.view(b, t, d), out_q
+        out_q = _layer_q(ws, b * t, d, "out") if want_q else None
+        o = int8_linear(None, qw["linear2"], torch.empty_like(h), ws, residual=h, xq=fq,
+                        q_out=out_q, norm=_norm(layer.norm2))  # fmt: skip
+        return o.view(b, t, d), out_q
+    o = linear(a, out_proj.weight, out_proj.bias, qw.get("out_proj"),
+               _buffer(ws, "o", (b * t, d), h), ws, residual=h)  # fmt: skip
+    h = _layer_norm_cpu(o, layer.norm1, ln1)
+    f = linear(h, layer.linear1.weight, layer.linear1.bias, qw.get("linear1"),
+               _buffer(ws, "ffn", (b * t, ffn), h), ws, relu=True)  # fmt: skip
+    o = linear(f, layer.linear2.weight, layer.linear2.bias, qw.get("linear2"), o, ws, residual=h)
+    o = _layer_norm_cpu(o, layer.norm2, torch.empty_like(o))  # fresh: the layer's output
+    return o.view(b, t, d), None
+
+
+def _norm(norm: nn.LayerNorm) -> tuple[Tensor | None, Tensor | None, float]:
+    """``(weight, bias, eps)`` of a LayerNorm (:data:`tessera_model.cpu_kernels.Norm`)."""
+    return norm.weight, norm.bias, norm.eps

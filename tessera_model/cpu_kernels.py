@@ -152,7 +152,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tessera_dequantise.restype = ctypes.c_int
     lib.tessera_gemm_i8.argtypes = (
         [ctypes.c_void_p] * 7 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
-    )
+        + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_float]
+    )  # fmt: skip
     lib.tessera_gemm_i8.restype = ctypes.c_int
     lib.tessera_gemm_i8_supported.argtypes = []
     lib.tessera_gemm_i8_supported.restype = ctypes.c_int
@@ -443,6 +444,14 @@ def _dequantise(lib: ctypes.CDLL, acc: Tensor, w_scale: Tensor, x_scale: Tensor,
     _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
 
 
+Norm = tuple[Tensor | None, Tensor | None, float]
+"""A LayerNorm's ``(weight, bias, eps)`` (weight and bias ``None`` without affine)."""
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def gemm_i8_available() -> bool:
     """True when :func:`gemm_i8` runs here (the kernels are :func:`available` and the CPU and
     compiler have AVX-512 VNNI)."""
@@ -453,19 +462,17 @@ def gemm_i8_available() -> bool:
 def _gemm_i8(lib: ctypes.CDLL, q: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor,
              x_scale: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool,
              out: Tensor | None, q_out: tuple[Tensor, Tensor] | None,
-             threads: int) -> None:  # fmt: skip
+             threads: int, norm: Norm | None = None) -> None:  # fmt: skip
     rows, k = q.shape
     n = w_scale.shape[0]
-
-    def ptr(t: Tensor | None) -> int:
-        return 0 if t is None else t.data_ptr()
+    ln = (0, 0, 0, 0.0) if norm is None else (1, _ptr(norm[0]), _ptr(norm[1]), norm[2])
 
     head = (q.data_ptr(), packed.data_ptr(), comp.data_ptr(), w_scale.data_ptr(),
-            x_scale.data_ptr(), ptr(bias), ptr(residual), int(relu), ptr(out))  # fmt: skip
-    tail = (ptr(None if q_out is None else q_out[0]), ptr(None if q_out is None else q_out[1]))
+            x_scale.data_ptr(), _ptr(bias), _ptr(residual), int(relu), _ptr(out))  # fmt: skip
+    tail = (_ptr(None if q_out is None else q_out[0]), _ptr(None if q_out is None else q_out[1]))
 
     def part(r0: int, r1: int) -> None:
-        rc = lib.tessera_gemm_i8(*head, *tail, r0, r1, n, k)
+        rc = lib.tessera_gemm_i8(*head, *tail, r0, r1, n, k, *ln)
         if rc:
             raise RuntimeError(f"tessera_gemm_i8 rejected n={n}, k={k} (code {rc})")
 
@@ -474,7 +481,8 @@ def _gemm_i8(lib: ctypes.CDLL, q: Tensor, packed: Tensor, comp: Tensor, w_scale:
 
 def gemm_i8(q: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, x_scale: Tensor,
             bias: Tensor | None, residual: Tensor | None, relu: bool, out: Tensor | None,
-            q_out: tuple[Tensor, Tensor] | None = None) -> Tensor | None:  # fmt: skip
+            q_out: tuple[Tensor, Tensor] | None = None,
+            norm: Norm | None = None) -> Tensor | None:  # fmt: skip
     """The int8 GEMM with its epilogue fused: :func:`dequantise` of ``torch._int_mm(q, W^T)``
     (the same bits), without the int32 product in memory.
 
@@ -485,6 +493,9 @@ def gemm_i8(q: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, x_scale: T
         residual: (rows, n) float32 or ``None``; relu: ReLU last.
         out: (rows, n) float32, or ``None`` with ``q_out`` (only the int8 rows are kept).
         q_out: optional ``(q, scale)`` buffers for the result's :func:`quantise_rows`.
+        norm: optional ``(weight, bias, eps)``: the result then goes through :func:`layer_norm`
+            (the same kernel, in place in ``out``, which it needs), and ``q_out`` receives the
+            normalised rows' int8 form.
 
     Raises:
         RuntimeError: when :func:`gemm_i8_available` is False.
@@ -513,8 +524,14 @@ def gemm_i8(q: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, x_scale: T
     if out is not None:
         _check_f32("out", out, (rows, n))
     _check_q_out(q_out, (rows, n))
+    if norm is not None:
+        if out is None:
+            raise ValueError("Expected out with norm (the LayerNorm runs in place there).")
+        for name, p in (("norm weight", norm[0]), ("norm bias", norm[1])):
+            if p is not None:
+                _check_f32(name, p, (n,))
     _gemm_i8(lib, q, packed, comp, w_scale, x_scale, bias, residual, relu, out, q_out,
-             torch.get_num_threads())  # fmt: skip
+             torch.get_num_threads(), norm)  # fmt: skip
     return out
 
 

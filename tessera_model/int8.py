@@ -29,8 +29,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from tessera_model import cpu_kernels
+from tessera_model.cpu_kernels import Norm
 
 PRECISIONS = ("fp32", "int8-dynamic")
 """Inference precisions of :meth:`TesseraModel.encode` (``int8-dynamic``: CPU only)."""
@@ -147,7 +149,7 @@ def quantise_rows(x: Tensor, ws: dict | None = None) -> Quantised:
 def int8_linear(
     x: Tensor | None, qw: QuantisedWeight, out: Tensor | None = None, ws: dict | None = None,
     residual: Tensor | None = None, relu: bool = False, *, xq: Quantised | None = None,
-    q_out: Quantised | None = None, float_out: bool = True,
+    q_out: Quantised | None = None, float_out: bool = True, norm: Norm | None = None,
 ) -> Tensor | None:  # fmt: skip
     """``x @ W.T + b`` (then ``+ residual``, then ReLU) for a (M, K) float32 ``x`` through int8
     (module docstring).
@@ -164,6 +166,9 @@ def int8_linear(
         q_out: optional buffers that also receive :func:`quantise_rows` of the result (the
             next int8 layer's ``xq``).
         float_out: ``False`` (with ``q_out``): no float result; returns ``None``.
+        norm: a LayerNorm's ``(weight, bias, eps)`` applied last (to the residual sum, the
+            post-LN encoder layer's form; through the compiled LayerNorm kernel where
+            available, else torch's); ``q_out`` then receives the normalised rows.
 
     Returns:
         (M, N) float32 (or ``None``, see ``float_out``). The quantisation and the epilogue
@@ -176,8 +181,8 @@ def int8_linear(
         xq = quantise_rows(x, ws)
     q, sx = xq
     m, n = q.shape[0], qw.wq_t.shape[1]
-    if not float_out and q_out is None:
-        raise ValueError("Expected q_out when float_out is False.")
+    if not float_out and (q_out is None or norm is not None):
+        raise ValueError("Expected q_out and no norm when float_out is False.")
     if (
         USE_GEMM_I8 and qw.vnni is not None and cpu_kernels.gemm_i8_available()
         and (out is None or out.is_contiguous()) and q.is_contiguous()
@@ -186,7 +191,15 @@ def int8_linear(
     ):  # fmt: skip
         y = None if not float_out else torch.empty(m, n) if out is None else out
         return cpu_kernels.gemm_i8(q, qw.vnni, qw.comp, qw.scale, sx, qw.bias, residual, relu,
-                                   y, q_out)  # fmt: skip
+                                   y, q_out, norm)  # fmt: skip
+    if norm is not None:  # the product, then the LayerNorm (and its int8 rows)
+        y = int8_linear(None, qw, out, ws, residual, relu, xq=xq)
+        if cpu_kernels.available() and y.is_contiguous():
+            return cpu_kernels.layer_norm(y, norm[0], norm[1], norm[2], y, q_out)
+        y = F.layer_norm(y, (n,), norm[0], norm[1], norm[2])
+        if q_out is not None:
+            quantise_into(y, q_out)
+        return y
     acc = torch._int_mm(q, qw.wq_t, out=_buf(ws, "acc", (m, n), torch.int32))
     if (
         cpu_kernels.available() and (out is None or out.is_contiguous())

@@ -31,6 +31,8 @@
 
 void tessera_quantise_block(const float *x, int64_t ldx, int nr, int8_t *q, float *scale,
                             int64_t k);
+int tessera_layer_norm(const float *x, float *y, const float *w, const float *b, int64_t r0,
+                       int64_t r1, int64_t d, float eps, int8_t *q, float *qs);
 
 #define MR 8 /* rows per block */
 #define NR 32 /* columns per panel */
@@ -120,14 +122,18 @@ static void __attribute__((noinline)) tile(const int32_t *a, const int8_t *b, in
 #endif
 
 /* Rows [r0, r1) of y = epilogue(q @ w^T): q (rows, k) int8, wp the packed (n, k) weight, comp
- * (npad,) int32, sw (npad,), bias (npad,) or NULL, res (rows, n) or NULL; y (rows, n) float32,
- * or NULL with q_out (rows, n) int8 and qs (rows,): the rows' int8 form, as tessera_dequantise
- * makes it. Returns 0, or -1 for bad sizes, -2 without VNNI. */
+ * (n,) int32, sw (n,), bias (n,) or NULL, res (rows, n) or NULL; y (rows, n) float32, or NULL
+ * with q_out (rows, n) int8 and qs (rows,): the rows' int8 form, as tessera_dequantise makes it.
+ * With ln, each row block's results then go through tessera_layer_norm in place (ln_w, ln_b:
+ * (n,) or NULL; the LayerNorm after an encoder layer's residual sum, while the rows are in
+ * cache), and q_out receives the normalised rows' int8 form. Returns 0, or -1 for bad sizes,
+ * -2 without VNNI. */
 int tessera_gemm_i8(const int8_t *q, const int8_t *wp, const int32_t *comp, const float *sw,
                     const float *sx, const float *bias, const float *res, int relu, float *y,
-                    int8_t *q_out, float *qs, int64_t r0, int64_t r1, int64_t n, int64_t k) {
+                    int8_t *q_out, float *qs, int64_t r0, int64_t r1, int64_t n, int64_t k,
+                    int ln, const float *ln_w, const float *ln_b, float ln_eps) {
 #if HAVE_VNNI
-    if (n < 1 || k < 4 || k % 4 || k > MAX_K || (!y && !q_out)) return -1;
+    if (n < 1 || k < 4 || k % 4 || k > MAX_K || (!y && !q_out) || (ln && !y)) return -1;
     const int64_t k4 = k / 4, npad = (n + 15) / 16 * 16;
     int32_t apack[k4 * MR];
     /* the float rows of a block when only their int8 form is wanted */
@@ -156,7 +162,10 @@ int tessera_gemm_i8(const int8_t *q, const int8_t *wp, const int32_t *comp, cons
             else
                 tile(apack, wp + n0 * k, k4, 0, n0, &e);
         }
-        if (q_out) {
+        if (ln) {
+            tessera_layer_norm(yb, yb, ln_w, ln_b, 0, nr, n, ln_eps,
+                               q_out ? q_out + r * n : 0, qs ? qs + r : 0);
+        } else if (q_out) {
             for (int i = 0; i < nr; i += 4)
                 tessera_quantise_block(yb + i * ldy, ldy, nr - i < 4 ? nr - i : 4,
                                        q_out + (r + i) * n, qs + r + i, n);
@@ -165,7 +174,8 @@ int tessera_gemm_i8(const int8_t *q, const int8_t *wp, const int32_t *comp, cons
     return 0;
 #else
     (void)q, (void)wp, (void)comp, (void)sw, (void)sx, (void)bias, (void)res, (void)relu;
-    (void)y, (void)q_out, (void)qs, (void)r0, (void)r1, (void)n, (void)k;
+    (void)y, (void)q_out, (void)qs, (void)r0, (void)r1, (void)n, (void)k, (void)ln, (void)ln_w;
+    (void)ln_b, (void)ln_eps;
     return -2;
 #endif
 }

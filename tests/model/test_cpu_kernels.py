@@ -370,3 +370,39 @@ def test_attention_int8_rows_are_quantise_rows_of_its_output(t: int, dh: int) ->
     assert torch.equal(out, cpu_kernels.attention(qkv, n, t, heads, dh))
     want = quantise_rows(out)
     assert torch.equal(q[0], want[0]) and torch.equal(q[1], want[1])
+
+
+@needs_cc
+@needs_vnni
+@pytest.mark.parametrize("affine", [True, False])
+def test_gemm_i8_layer_norm_epilogue_is_the_layer_norm_kernel(affine: bool) -> None:
+    """The post-LN LayerNorm in the int8 GEMM's epilogue: the bits of the product, then the
+    LayerNorm kernel, then quantise_rows; the same through int8_linear without the kernel."""
+    from tessera_model import int8
+    from tessera_model.int8 import int8_linear, quantise_rows, quantise_weight
+
+    gen = torch.Generator().manual_seed(7)
+    rows, n, k = 21, 144, 64
+    x, res = torch.randn(rows, k, generator=gen), torch.randn(rows, n, generator=gen)
+    qw = quantise_weight(torch.randn(n, k, generator=gen), torch.randn(n, generator=gen))
+    w, b = (torch.randn(n, generator=gen), torch.randn(n, generator=gen)) if affine else (None, None)
+    q, sx = quantise_rows(x)
+    plain = cpu_kernels.gemm_i8(q, qw.vnni, qw.comp, qw.scale, sx, qw.bias, res, False,
+                                torch.empty(rows, n))  # fmt: skip
+    want = cpu_kernels.layer_norm(plain, w, b, 1e-5)
+    want_q = quantise_rows(want)
+    qo = (torch.empty(rows, n, dtype=torch.int8), torch.empty(rows, 1))
+    got = cpu_kernels.gemm_i8(q, qw.vnni, qw.comp, qw.scale, sx, qw.bias, res, False,
+                              torch.empty(rows, n), qo, (w, b, 1e-5))  # fmt: skip
+    assert torch.equal(got, want)
+    assert torch.equal(qo[0], want_q[0]) and torch.equal(qo[1], want_q[1])
+    try:
+        int8.USE_GEMM_I8 = False
+        qo2 = (torch.empty(rows, n, dtype=torch.int8), torch.empty(rows, 1))
+        got2 = int8_linear(x, qw, residual=res, q_out=qo2, norm=(w, b, 1e-5))
+    finally:
+        int8.USE_GEMM_I8 = True
+    assert torch.equal(got2, want) and torch.equal(qo2[0], want_q[0])
+    with pytest.raises(ValueError, match="norm"):
+        cpu_kernels.gemm_i8(q, qw.vnni, qw.comp, qw.scale, sx, None, None, False, None, qo,
+                            (w, b, 1e-5))  # fmt: skip
