@@ -20,9 +20,12 @@ torch on a small input before first use. Without a compiler, on a failed build o
 values to float32 rounding, about 1e-6; a different binary gives different low bits, as any
 change of BLAS kernel does).
 
-The kernels run single-threaded per call; the wrappers split the pixels (rows) over
-``torch.get_num_threads()`` threads (ctypes releases the GIL). Each pixel's (row's) result
-depends only on its own rows, so the split never changes a bit.
+Each call's pixels (rows) are split over ``torch.get_num_threads()`` threads of the kernels'
+own C thread pool (``kernels/pool.c``: the caller runs the first part; workers wait for the
+next call yielding the core for up to ``TESSERA_KERNEL_SPIN_US``, default 200 us, then sleep;
+a hand-off costs about 2 us against 45-70 for Python's ``ThreadPoolExecutor``). ctypes
+releases the GIL. Each pixel's (row's) result depends only on its own rows, so the split never
+changes a bit.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ import platform
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,22 +46,24 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("attention.c", "layernorm.c", "quant.c", "gemm_i8.c")
-HEADERS = ("vec.h",)
+SOURCES = ("attention.c", "layernorm.c", "quant.c", "gemm_i8.c", "pool.c", "parallel.c")
+HEADERS = ("vec.h", "pool.h")
 SOURCE_FLAGS = {"quant.c": ("-ffp-contract=off",), "gemm_i8.c": ("-ffp-contract=off",)}
 """Per-source flags: the int8 kernels round every product as torch does (``quant.c``)."""
-CFLAGS = ("-O3", "-march=native", "-std=gnu11", "-fno-math-errno", "-shared", "-fPIC")
+CFLAGS = (
+    "-O3", "-march=native", "-std=gnu11", "-fno-math-errno", "-shared", "-fPIC", "-pthread"
+)  # fmt: skip
 ENV_SWITCH = "TESSERA_CPU_KERNELS"
 ENV_CACHE = "TESSERA_KERNEL_CACHE"
 MIN_PIXELS_PER_THREAD = 4
 """Least pixels per thread when :func:`attention` splits a call (below, one thread)."""
-MIN_GEMM_ROWS_PER_THREAD = 64
+MIN_GEMM_ROWS_PER_THREAD = 32
 """Least rows per thread when :func:`gemm_i8` splits a call (its work per row is a GEMM row)."""
-MIN_ROWS_PER_THREAD = 4096
-"""Least rows per thread when :func:`layer_norm` and the int8 kernels split a call: they are
-memory-bound and cheap per row (10-70 ns), so a hand-off to the pool pays only for large calls
-(two threads, wall clock: with 256, ``small`` 0.93x and v2-nano 0.84x the pixels/s of 4096;
-never splitting: 1.04x and 1.02x, within noise)."""
+MIN_ROWS_PER_THREAD = 256
+"""Least rows per thread when :func:`layer_norm` and the int8 kernels split a call (below, one
+thread): a hand-off to the kernels' pool costs about 2 us (``kernels/pool.c``), and a (1792,
+144) LayerNorm took 21 us at two threads against 35 with a 4,096-row least (the least of the
+Python thread pool before, whose hand-offs cost 45-70 us)."""
 MAX_SCRATCH_ROW = 16384
 """Widest row :func:`dequantise` takes without a float result (its stack scratch; quant.c)."""
 CHECK_TOLERANCE = 1e-5
@@ -69,8 +72,6 @@ CHECK_TOLERANCE = 1e-5
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
-_pools: dict[int, ThreadPoolExecutor] = {}
-_scratch = threading.local()
 
 
 def cache_dir() -> Path:
@@ -124,7 +125,7 @@ def _build() -> Path:
                 _compile([*cc, *CFLAGS, *SOURCE_FLAGS.get(name, ()), "-c", "-o", obj,
                           str(KERNEL_DIR / name)])  # fmt: skip
                 objects.append(obj)
-            _compile([*cc, *CFLAGS, "-o", tmp, *objects, "-lm"])
+            _compile([*cc, *CFLAGS, "-o", tmp, *objects, "-lm", "-lpthread"])
         os.replace(tmp, out)  # atomic: concurrent builders each publish a whole file
     finally:
         if os.path.exists(tmp):
@@ -157,6 +158,18 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tessera_gemm_i8.restype = ctypes.c_int
     lib.tessera_gemm_i8_supported.argtypes = []
     lib.tessera_gemm_i8_supported.restype = ctypes.c_int
+    ptr, i64, f32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    parallel = {  # the parallel forms (parallel.c), the thread count last
+        "tessera_attention_mt": [ptr, ptr, i64, i64, i64, i64, f32, ptr, ptr, cint],
+        "tessera_layer_norm_mt": [ptr] * 4 + [i64, i64, f32, ptr, ptr, cint],
+        "tessera_quantise_rows_mt": [ptr] * 3 + [i64, i64, cint],
+        "tessera_dequantise_mt": [ptr] * 6 + [cint, i64, i64, ptr, ptr, cint],
+        "tessera_gemm_i8_mt": [ptr] * 7 + [cint] + [ptr] * 3 + [i64] * 3 + [cint, ptr, ptr, f32]
+        + [cint],
+    }  # fmt: skip
+    for name, args in parallel.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
     return lib
 
 
@@ -274,52 +287,23 @@ def _same_quantisation(lib: ctypes.CDLL, y: Tensor, q: Tensor, s: Tensor) -> boo
     return torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
-def _scratch_for(lib: ctypes.CDLL, t: int, dh: int) -> Tensor:
-    need = int(lib.tessera_attention_scratch(t, dh))
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < need:
-        buf = _scratch.buf = torch.empty(need, dtype=torch.float32)
-    return buf
+def _parts(n: int, threads: int, least: int) -> int:
+    """Threads for a call over ``n`` pixels or rows: at most ``threads``, at least ``least``
+    each (one below that)."""
+    return max(1, min(threads, n // least))
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
-    """The pool of ``threads`` workers (one per size, kept for the process: callers with
-    different thread budgets never share or close each other's pool)."""
-    with _lock:
-        pool = _pools.get(threads)
-        if pool is None:
-            pool = _pools[threads] = ThreadPoolExecutor(
-                threads, thread_name_prefix=f"tessera-kernels-{threads}"
-            )
-        return pool
-
-
-def _split(n: int, parts: int, part: Callable[[int, int], None]) -> None:
-    """Run ``part(i0, i1)`` over ``[0, n)`` in ``parts`` ranges, on the pool when > 1."""
-    if parts <= 1:
-        part(0, n)
-        return
-    bounds = [n * i // parts for i in range(parts + 1)]
-    jobs = [_executor(parts).submit(part, bounds[i], bounds[i + 1]) for i in range(parts)]
-    for job in jobs:
-        job.result()
+def _q_ptrs(q_out: tuple[Tensor, Tensor] | None) -> tuple[int, int]:
+    return (0, 0) if q_out is None else (q_out[0].data_ptr(), q_out[1].data_ptr())
 
 
 def _attention(lib: ctypes.CDLL, qkv: Tensor, n: int, t: int, heads: int, dh: int,
                out: Tensor, threads: int,
                q_out: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
-    scale = dh**-0.5
-    q, qs = (0, 0) if q_out is None else (q_out[0].data_ptr(), q_out[1].data_ptr())
-
-    def part(p0: int, p1: int) -> None:
-        scratch = _scratch_for(lib, t, dh)
-        rc = lib.tessera_attention(
-            qkv.data_ptr(), out.data_ptr(), scratch.data_ptr(), p0, p1, t, heads, dh, scale, q, qs
-        )
-        if rc != 0:
-            raise RuntimeError(f"tessera_attention rejected t={t}, dh={dh}")
-
-    _split(n, max(1, min(threads, n // MIN_PIXELS_PER_THREAD)), part)
+    rc = lib.tessera_attention_mt(qkv.data_ptr(), out.data_ptr(), n, t, heads, dh, dh**-0.5,
+                                  *_q_ptrs(q_out), _parts(n, threads, MIN_PIXELS_PER_THREAD))  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"tessera_attention rejected t={t}, dh={dh}")
     return out
 
 
@@ -327,15 +311,11 @@ def _layer_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor | None, bias: Tensor
                 eps: float, out: Tensor, threads: int,
                 q_out: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     rows, d = x.shape
-    w = 0 if weight is None else weight.data_ptr()
-    b = 0 if bias is None else bias.data_ptr()
-    q, qs = (0, 0) if q_out is None else (q_out[0].data_ptr(), q_out[1].data_ptr())
-
-    def part(r0: int, r1: int) -> None:
-        if lib.tessera_layer_norm(x.data_ptr(), out.data_ptr(), w, b, r0, r1, d, eps, q, qs):
-            raise RuntimeError(f"tessera_layer_norm rejected d={d}")
-
-    _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
+    rc = lib.tessera_layer_norm_mt(x.data_ptr(), out.data_ptr(), _ptr(weight), _ptr(bias), rows,
+                                   d, eps, *_q_ptrs(q_out),
+                                   _parts(rows, threads, MIN_ROWS_PER_THREAD))  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"tessera_layer_norm rejected d={d}")
     return out
 
 
@@ -419,29 +399,22 @@ def _check_q_out(q_out: tuple[Tensor, Tensor] | None, shape: tuple[int, ...]) ->
 
 def _quantise_rows(lib: ctypes.CDLL, x: Tensor, q: Tensor, scale: Tensor, threads: int) -> None:
     rows, k = x.shape
-
-    def part(r0: int, r1: int) -> None:
-        if lib.tessera_quantise_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(), r0, r1, k):
-            raise RuntimeError(f"tessera_quantise_rows rejected k={k}")
-
-    _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
+    rc = lib.tessera_quantise_rows_mt(x.data_ptr(), q.data_ptr(), scale.data_ptr(), rows, k,
+                                      _parts(rows, threads, MIN_ROWS_PER_THREAD))  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"tessera_quantise_rows rejected k={k}")
 
 
 def _dequantise(lib: ctypes.CDLL, acc: Tensor, w_scale: Tensor, x_scale: Tensor,
                 bias: Tensor | None, residual: Tensor | None, relu: bool, out: Tensor | None,
                 threads: int, q_out: tuple[Tensor, Tensor] | None = None) -> None:  # fmt: skip
     rows, n = acc.shape
-    b = 0 if bias is None else bias.data_ptr()
-    r = 0 if residual is None else residual.data_ptr()
-    y = 0 if out is None else out.data_ptr()
-    ptrs = (acc.data_ptr(), y, w_scale.data_ptr(), x_scale.data_ptr(), b, r)
-    q, qs = (0, 0) if q_out is None else (q_out[0].data_ptr(), q_out[1].data_ptr())
-
-    def part(r0: int, r1: int) -> None:
-        if lib.tessera_dequantise(*ptrs, int(relu), r0, r1, n, q, qs):
-            raise RuntimeError(f"tessera_dequantise rejected n={n}")
-
-    _split(rows, max(1, min(threads, rows // MIN_ROWS_PER_THREAD)), part)
+    rc = lib.tessera_dequantise_mt(acc.data_ptr(), _ptr(out), w_scale.data_ptr(),
+                                   x_scale.data_ptr(), _ptr(bias), _ptr(residual), int(relu),
+                                   rows, n, *_q_ptrs(q_out),
+                                   _parts(rows, threads, MIN_ROWS_PER_THREAD))  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"tessera_dequantise rejected n={n}")
 
 
 Norm = tuple[Tensor | None, Tensor | None, float]
@@ -466,17 +439,12 @@ def _gemm_i8(lib: ctypes.CDLL, q: Tensor, packed: Tensor, comp: Tensor, w_scale:
     rows, k = q.shape
     n = w_scale.shape[0]
     ln = (0, 0, 0, 0.0) if norm is None else (1, _ptr(norm[0]), _ptr(norm[1]), norm[2])
-
-    head = (q.data_ptr(), packed.data_ptr(), comp.data_ptr(), w_scale.data_ptr(),
-            x_scale.data_ptr(), _ptr(bias), _ptr(residual), int(relu), _ptr(out))  # fmt: skip
-    tail = (_ptr(None if q_out is None else q_out[0]), _ptr(None if q_out is None else q_out[1]))
-
-    def part(r0: int, r1: int) -> None:
-        rc = lib.tessera_gemm_i8(*head, *tail, r0, r1, n, k, *ln)
-        if rc:
-            raise RuntimeError(f"tessera_gemm_i8 rejected n={n}, k={k} (code {rc})")
-
-    _split(rows, max(1, min(threads, rows // MIN_GEMM_ROWS_PER_THREAD)), part)
+    rc = lib.tessera_gemm_i8_mt(q.data_ptr(), packed.data_ptr(), comp.data_ptr(),
+                                w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias),
+                                _ptr(residual), int(relu), _ptr(out), *_q_ptrs(q_out), rows, n,
+                                k, *ln, _parts(rows, threads, MIN_GEMM_ROWS_PER_THREAD))  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"tessera_gemm_i8 rejected n={n}, k={k} (code {rc})")
 
 
 def gemm_i8(q: Tensor, packed: Tensor, comp: Tensor, w_scale: Tensor, x_scale: Tensor,

@@ -406,3 +406,45 @@ def test_gemm_i8_layer_norm_epilogue_is_the_layer_norm_kernel(affine: bool) -> N
     with pytest.raises(ValueError, match="norm"):
         cpu_kernels.gemm_i8(q, qw.vnni, qw.comp, qw.scale, sx, None, None, False, None, qo,
                             (w, b, 1e-5))  # fmt: skip
+
+
+@needs_cc
+def test_kernel_pool_serves_concurrent_callers_with_the_same_bits() -> None:
+    """The kernels' C thread pool: many short calls in a row, and two Python threads calling at
+    once (one gets the pool, the other runs its call in its own thread), give the bits of one
+    thread."""
+    import threading
+
+    gen = torch.Generator().manual_seed(2)
+    n, t, heads, dh = 40, 24, 4, 16
+    qkv = torch.randn(n * t, 3 * heads * dh, generator=gen)
+    x = torch.randn(2 * cpu_kernels.MIN_ROWS_PER_THREAD + 3, 64, generator=gen)  # split in 2
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    want_a = cpu_kernels.attention(qkv, n, t, heads, dh)
+    want_ln = cpu_kernels.layer_norm(x, w, b, 1e-5)
+    torch.set_num_threads(2)
+    try:
+        for _ in range(200):  # back-to-back hand-offs
+            assert torch.equal(cpu_kernels.attention(qkv, n, t, heads, dh), want_a)
+        errors: list[BaseException] = []
+
+        def caller() -> None:
+            try:
+                torch.set_num_threads(2)
+                for _ in range(100):
+                    assert torch.equal(cpu_kernels.attention(qkv, n, t, heads, dh), want_a)
+                    assert torch.equal(cpu_kernels.layer_norm(x, w, b, 1e-5), want_ln)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller) for _ in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        assert not any(th.is_alive() for th in threads), "a kernel call never returned"
+        assert not errors, errors
+    finally:
+        torch.set_num_threads(before)
