@@ -10,7 +10,8 @@
  * busy-machine rule: sched_yield gives the core away at once).
  *
  * One call at a time uses the pool; a call that finds it busy (another Python thread in the
- * middle of a call) runs its whole range in the calling thread instead of waiting.
+ * middle of a call) runs its whole range in the calling thread instead of waiting. A child
+ * process made by fork() has none of the workers: it starts its own pool (pthread_atfork).
  */
 #include <pthread.h>
 #include <sched.h>
@@ -37,6 +38,21 @@ static int job_parts;
 static atomic_int job_error = 0;
 static long spin_ns = -1;
 static long start_gen[MAX_WORKERS]; /* the generation before a worker's first call */
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+/* In a forked child only the forking thread exists: forget the workers and reset the locks
+ * (another thread of the parent may have held them). */
+static void after_fork_child(void) {
+    workers = 0;
+    pthread_mutex_init(&call_lock, 0);
+    pthread_mutex_init(&lock, 0);
+    pthread_cond_init(&wake, 0);
+    pthread_cond_init(&done, 0);
+    atomic_store(&remaining, 0);
+}
+
+static void register_fork_handler(void) { pthread_atfork(0, 0, after_fork_child); }
 
 static long now_ns(void) {
     struct timespec ts;
@@ -91,7 +107,9 @@ static void *worker(void *arg) {
 int tessera_parallel(range_fn fn, void *ctx, int64_t n, int parts) {
     if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
     if (parts > n) parts = (int)n;
-    if (parts <= 1 || pthread_mutex_trylock(&call_lock) != 0) return n > 0 ? fn(ctx, 0, n) : 0;
+    if (parts <= 1) return n > 0 ? fn(ctx, 0, n) : 0;
+    pthread_once(&once, register_fork_handler);
+    if (pthread_mutex_trylock(&call_lock) != 0) return fn(ctx, 0, n);
     while (workers < parts - 1) {
         pthread_t t;
         pthread_attr_t attr;

@@ -448,3 +448,36 @@ def test_kernel_pool_serves_concurrent_callers_with_the_same_bits() -> None:
         assert not errors, errors
     finally:
         torch.set_num_threads(before)
+
+
+def _child_attention(queue) -> None:
+    """In a forked child (the parent's pool workers are gone): the kernel over two parts.
+    torch's own threads stay at one (libgomp cannot run a parallel region in a child forked
+    after one ran in the parent; that is torch's rule, not the kernels')."""
+    import hashlib
+
+    torch.set_num_threads(1)
+    qkv = torch.randn(40 * 24, 3 * 64, generator=torch.Generator().manual_seed(2))
+    out = cpu_kernels._attention(cpu_kernels._library(), qkv, 40, 24, 4, 16,
+                                 torch.empty(40 * 24, 64), 2)  # fmt: skip
+    queue.put(hashlib.sha256(out.numpy().tobytes()).hexdigest())
+
+
+@needs_cc
+def test_kernel_pool_works_in_a_forked_child() -> None:
+    import hashlib
+    import multiprocessing
+
+    qkv = torch.randn(40 * 24, 3 * 64, generator=torch.Generator().manual_seed(2))
+    out = cpu_kernels._attention(cpu_kernels._library(), qkv, 40, 24, 4, 16,
+                                 torch.empty(40 * 24, 64), 2)  # the pool has a worker now
+    want = hashlib.sha256(out.numpy().tobytes()).hexdigest()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_attention, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, "the forked child hung or failed"
+    assert queue.get(timeout=5) == want
