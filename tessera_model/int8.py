@@ -3,7 +3,10 @@
 The dense layers that carry almost all the FLOP (band-embedding ``Linear(d, d)``, QKV, attention
 output, both FFN layers, the GRU input maps of cells wider than
 :data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM`) run as ``int8 x int8 -> int32`` matrix products
-(:func:`torch._int_mm`, VNNI on x86) instead of float32 GEMMs:
+instead of float32 GEMMs: with AVX-512 VNNI through the fused kernel
+:func:`tessera_model.cpu_kernels.gemm_i8` (product, epilogue, optional LayerNorm and the next
+layer's int8 rows in one pass; :data:`USE_GEMM_I8`), else :func:`torch._int_mm` and the epilogue
+kernel (the same bits):
 
 - weights: symmetric int8 per output channel, ``s_w[n] = max_k |W[n, k]| / 127`` (once per
   model, cached);
