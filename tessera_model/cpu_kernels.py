@@ -24,11 +24,11 @@ values to float32 rounding, about 1e-6; a different binary gives different low b
 change of BLAS kernel does).
 
 Each call's pixels (rows) are split over ``torch.get_num_threads()`` threads of the kernels'
-own C thread pool (``kernels/pool.c``: the caller runs the first part; workers wait for the
-next call yielding the core for up to ``TESSERA_KERNEL_SPIN_US``, default 200 us, then sleep;
-a hand-off costs about 2 us against 45-70 for Python's ``ThreadPoolExecutor``). ctypes
-releases the GIL. Each pixel's (row's) result depends only on its own rows, so the split never
-changes a bit.
+own C thread pool (``kernels/pool.c``: the range cut into chunks that the caller and the
+workers claim, so the caller never waits for a worker that got no core; idle workers sleep,
+or with ``TESSERA_KERNEL_SPIN_US`` first poll that long; a hand-off costs microseconds against
+45-70 us for Python's ``ThreadPoolExecutor``). ctypes releases the GIL. Each pixel's (row's)
+result depends only on its own rows, so the split never changes a bit.
 """
 
 from __future__ import annotations

@@ -10,10 +10,13 @@
  * into CHUNKS_PER_THREAD chunks per thread, every thread (the caller first) claims the next
  * unclaimed chunk until none is left, and the caller then waits only for chunks a worker has
  * already begun; if the workers get no core (other processes hold them), the caller does all
- * the work itself, as one thread would. Idle workers look for the next call with sched_yield
- * for up to TESSERA_KERNEL_SPIN_US (default 200 us: the gap between the kernel calls of one
- * forward; sched_yield hands the core to any other runnable thread at once), then sleep on a
- * condition variable, so an idle pool costs nothing.
+ * the work itself, as one thread would. Idle workers sleep on a condition variable (an idle pool
+ * costs nothing); a hand-off then costs a thread wake-up. On a machine of one's own,
+ * TESSERA_KERNEL_SPIN_US (default 0) lets them first look for the next call with sched_yield for
+ * that long (200 us covers the gap between the kernel calls of one forward; two threads, int8:
+ * `small` 1.19x and v2-nano 1.32x the pixels/s of sleeping at once); a yield that takes over
+ * 30 us means another thread wanted the core, and the poller sleeps. Not the default: beside two
+ * busy processes, polling made two threads 1.8-2.2x slower than one, sleeping 0.6-0.8x.
  *
  * One call at a time uses the pool; a call that finds it busy (another Python thread in the
  * middle of a call) runs its whole range in the calling thread instead of waiting. A child
@@ -47,6 +50,7 @@ static void *job_ctx;
 static int64_t job_n;
 static int64_t job_chunks;
 static long spin_ns = -1;
+#define CONTENDED_NS 30000 /* a sched_yield this long means another thread got the core */
 static uint32_t start_gen[MAX_WORKERS]; /* the generation before a worker's first call */
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
@@ -71,10 +75,20 @@ static long now_ns(void) {
 static long spin_budget(void) {
     if (spin_ns < 0) {
         const char *s = getenv("TESSERA_KERNEL_SPIN_US");
-        long us = s ? atol(s) : 200;
+        long us = s ? atol(s) : 0;
         spin_ns = (us < 0 ? 0 : us) * 1000L;
     }
     return spin_ns;
+}
+
+/* Give the core away once; true when that took long enough that another thread ran (the core
+ * is wanted: stop polling and sleep). *t: the time before, updated. */
+static int yield_was_contended(long *t) {
+    sched_yield();
+    const long t2 = now_ns();
+    const int contended = t2 - *t > CONTENDED_NS;
+    *t = t2;
+    return contended;
 }
 
 static uint32_t gen_of(uint64_t s) { return (uint32_t)(s >> 32); }
@@ -107,10 +121,11 @@ static void *worker(void *arg) {
     for (;;) {
         uint32_t g = gen_of(atomic_load_explicit(&state, memory_order_acquire));
         if (g == seen) {
-            const long until = now_ns() + spin_budget();
+            long t = now_ns();
+            const long until = t + spin_budget();
             while ((g = gen_of(atomic_load_explicit(&state, memory_order_acquire))) == seen &&
-                   now_ns() < until)
-                sched_yield();
+                   t < until && !yield_was_contended(&t))
+                ;
             if (g == seen) {
                 pthread_mutex_lock(&lock);
                 while ((g = gen_of(atomic_load_explicit(&state, memory_order_acquire))) == seen)
@@ -156,10 +171,11 @@ int tessera_parallel(range_fn fn, void *ctx, int64_t n, int parts) {
     work(gen);
     /* every chunk is claimed: wait for the ones workers are running */
     if (atomic_load_explicit(&chunks_done, memory_order_acquire) < chunks) {
-        const long until = now_ns() + spin_budget();
-        while (atomic_load_explicit(&chunks_done, memory_order_acquire) < chunks &&
-               now_ns() < until)
-            sched_yield();
+        long t = now_ns();
+        const long until = t + spin_budget();
+        while (atomic_load_explicit(&chunks_done, memory_order_acquire) < chunks && t < until &&
+               !yield_was_contended(&t))
+            ;
         pthread_mutex_lock(&lock);
         while (atomic_load_explicit(&chunks_done, memory_order_acquire) < chunks)
             pthread_cond_wait(&done, &lock);
