@@ -481,3 +481,28 @@ def test_kernel_pool_works_in_a_forked_child() -> None:
         child.kill()
     assert child.exitcode == 0, "the forked child hung or failed"
     assert queue.get(timeout=5) == want
+
+
+@needs_cc
+def test_kernel_pool_with_polling_workers_keeps_the_bits(tmp_path) -> None:
+    """``TESSERA_KERNEL_SPIN_US`` (read once per process): polling workers, the same bits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, hashlib\n"
+        "from tessera_model import cpu_kernels\n"
+        "qkv = torch.randn(40 * 24, 192, generator=torch.Generator().manual_seed(2))\n"
+        "outs = set()\n"
+        "for threads in (1, 2, 2, 2):\n"
+        "    torch.set_num_threads(threads)\n"
+        "    for _ in range(50):\n"
+        "        a = cpu_kernels.attention(qkv, 40, 24, 4, 16)\n"
+        "    outs.add(hashlib.sha256(a.numpy().tobytes()).hexdigest())\n"
+        "assert cpu_kernels.available() and len(outs) == 1, outs\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TESSERA_KERNEL_SPIN_US": "200"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
