@@ -101,29 +101,42 @@ class ModalityEncoder(nn.Module):
         if b % sub:
             sub = b
         pool = self.attn_pool
+        w_rz8 = qw.get(f"{prefix}.gru_i8_rz")
+        if isinstance(pool, TemporalAttentionPooling) and isinstance(w_rz8, QuantisedWeight):
+            # int8: per piece, the transformer, the GRU input maps from its last layer's int8
+            # rows, then the int8 recurrence and the pooling, while the piece is in cache
+            out = torch.empty(b, d, dtype=x.dtype)
+            w_in, w_hh8 = qw[f"{prefix}.gru_in"], qw[f"{prefix}.gru_i8_hh"]
+            for start in range(0, b, sub):
+                piece, pq = self._transformer_cpu(x[start : start + sub], ws, qw, prefix, True)
+                pool.forward_int8(piece, pq, w_in, w_rz8, w_hh8, out[start : start + sub], ws)
+            return out
         w_rz, w_h = qw.get(f"{prefix}.gru_xrz"), qw.get(f"{prefix}.gru_xh")
         if isinstance(pool, TemporalAttentionPooling) and t > 1 and w_rz is not None:
             # small GRU: each piece's outputs go time-major into the scan's buffer
             xh = pool.scan_buffer(ws, b, t, x)
             for start in range(0, b, sub):
-                piece = self._transformer_cpu(x[start : start + sub], ws, qw, prefix)
+                piece = self._transformer_cpu(x[start : start + sub], ws, qw, prefix)[0]
                 xh[:t, start : start + sub, :d] = piece.transpose(0, 1)
             return pool.forward_time_major(xh, ws, w_rz, w_h)  # type: ignore[arg-type]
         if sub == b:
-            h = self._transformer_cpu(x, ws, qw, prefix)
+            h = self._transformer_cpu(x, ws, qw, prefix)[0]
         else:  # the GRU pooling's chunk in cache-sized pieces (same shapes every time)
             h = _buffer(ws, f"{prefix}.enc_out", (b, t, d), x)
             for start in range(0, b, sub):
                 h[start : start + sub] = self._transformer_cpu(
                     x[start : start + sub], ws, qw, prefix
-                )
+                )[0]
         if isinstance(self.attn_pool, TemporalAttentionPooling):
             rec = (qw.get(f"{prefix}.gru_rz"), qw.get(f"{prefix}.gru_hh2"))
             return self.attn_pool(h, ws, qw.get(f"{prefix}.gru_in"), rec)
         return self.attn_pool.forward_cpu(h)  # type: ignore[operator]
 
-    def _transformer_cpu(self, x: Tensor, ws: dict, qw: dict, prefix: str) -> Tensor:
-        """Band embedding, DOY encoding and the encoder layers of :meth:`forward_cpu`."""
+    def _transformer_cpu(
+        self, x: Tensor, ws: dict, qw: dict, prefix: str, want_q: bool = False
+    ) -> tuple[Tensor, Quantised | None]:
+        """Band embedding, DOY encoding and the encoder layers of :meth:`forward_cpu`: the
+        (B, T, d) output and, under int8 weights with ``want_q``, its int8 rows."""
         b, t, _ = x.shape
         d = self.d_model
         bands = x[..., : self.in_channels].reshape(b * t, self.in_channels)
@@ -142,8 +155,8 @@ class ModalityEncoder(nn.Module):
         h = h.view(b, t, d)
         for i, layer in enumerate(layers):
             lq = {k: qw[f"{prefix}.layers.{i}.{k}"] for k in _LAYER_KEYS if qw}
-            h, hq = _encoder_layer(layer, h, ws, lq or None, hq, i + 1 < len(layers))
-        return h
+            h, hq = _encoder_layer(layer, h, ws, lq or None, hq, want_q or i + 1 < len(layers))
+        return h, hq
 
 
 _LAYER_KEYS = ("in_proj", "out_proj", "linear1", "linear2")

@@ -49,7 +49,9 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("attention.c", "layernorm.c", "quant.c", "gemm_i8.c", "pool.c", "parallel.c")
+SOURCES = (
+    "attention.c", "layernorm.c", "quant.c", "gemm_i8.c", "gru_i8.c", "pool.c", "parallel.c"
+)  # fmt: skip
 HEADERS = ("vec.h", "pool.h")
 SOURCE_FLAGS = {"quant.c": ("-ffp-contract=off",), "gemm_i8.c": ("-ffp-contract=off",)}
 """Per-source flags: the int8 kernels round every product as torch does (``quant.c``)."""
@@ -62,6 +64,8 @@ MIN_PIXELS_PER_THREAD = 4
 """Least pixels per thread when :func:`attention` splits a call (below, one thread)."""
 MIN_GEMM_ROWS_PER_THREAD = 32
 """Least rows per thread when :func:`gemm_i8` splits a call (its work per row is a GEMM row)."""
+MIN_GRU_ROWS_PER_THREAD = 8
+"""Least pixels per thread when :func:`gru_pool_i8` splits a call (a pixel is T GRU steps)."""
 MIN_ROWS_PER_THREAD = 256
 """Least rows per thread when :func:`layer_norm` and the int8 kernels split a call (below, one
 thread): a hand-off to the kernels' pool costs about 2 us (``kernels/pool.c``), and a (1792,
@@ -161,6 +165,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tessera_gemm_i8.restype = ctypes.c_int
     lib.tessera_gemm_i8_supported.argtypes = []
     lib.tessera_gemm_i8_supported.restype = ctypes.c_int
+    lib.tessera_gru_pool_i8_supported.argtypes = []
+    lib.tessera_gru_pool_i8_supported.restype = ctypes.c_int
     ptr, i64, f32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     parallel = {  # the parallel forms (parallel.c), the thread count last
         "tessera_attention_mt": [ptr, ptr, i64, i64, i64, i64, f32, ptr, ptr, cint],
@@ -169,6 +175,7 @@ def _load(path: Path) -> ctypes.CDLL:
         "tessera_dequantise_mt": [ptr] * 6 + [cint, i64, i64, ptr, ptr, cint],
         "tessera_gemm_i8_mt": [ptr] * 7 + [cint] + [ptr] * 3 + [i64] * 3 + [cint, ptr, ptr, f32]
         + [cint],
+        "tessera_gru_pool_i8_mt": [ptr] * 4 + [i64] * 4 + [ptr] * 11 + [f32, f32, cint],
     }  # fmt: skip
     for name, args in parallel.items():
         fn = getattr(lib, name)
@@ -545,4 +552,63 @@ def dequantise(acc: Tensor, w_scale: Tensor, x_scale: Tensor, bias: Tensor | Non
     _check_q_out(q_out, (rows, n))
     _dequantise(lib, acc, w_scale, x_scale, bias, residual, relu, out, torch.get_num_threads(),
                 q_out)  # fmt: skip
+    return out
+
+
+def gru_pool_i8_available() -> bool:
+    """True when :func:`gru_pool_i8` runs here (the kernels are :func:`available`, with AVX-512
+    VNNI)."""
+    lib = _library()
+    return lib is not None and bool(lib.tessera_gru_pool_i8_supported())
+
+
+def gru_pool_i8(xq: tuple[Tensor, Tensor], x: Tensor, w_in: tuple[Tensor, Tensor, Tensor, Tensor],
+                w_rz: tuple[Tensor, Tensor, Tensor], w_hh: tuple[Tensor, Tensor, Tensor],
+                query: Tensor, c: float, eps: float, out: Tensor) -> Tensor:  # fmt: skip
+    """The GRU's int8 input maps and recurrence and the attention pooling after them
+    (``kernels/gru_i8.c``; the math of :func:`tessera_model.pooling.gru_pool_int8_torch`, with
+    the input maps' bits of :func:`tessera_model.int8.int8_linear`).
+
+    Args:
+        xq: ``(q, scale)``: (B T, D) int8 and (B T, 1) float32, the int8 rows of ``x``.
+        x: (B, T, D) float32, the transformer outputs the pooling weights apply to.
+        w_in: ``(packed, comp, scale, bias)`` of the int8 ``[W_ir; W_iz; W_ih]`` (3H, D).
+        w_rz, w_hh: ``(packed, comp, scale)`` of the int8 ``[W_hr; W_hz]`` (2H, H) and
+            ``W_hh`` (H, H) (:func:`tessera_model.int8.pack_vnni`, per-channel scales).
+        query: (H,) float32, the pooling query's weight times the LayerNorm's weight.
+        c: the query's bias plus its dot product with the LayerNorm's bias.
+        eps: the LayerNorm's epsilon.
+        out: (B, D) float32, receives the pooled rows.
+
+    Raises:
+        RuntimeError: when :func:`gru_pool_i8_available` is False.
+        ValueError: bad shapes (H and D must be multiples of 16).
+    """
+    lib = _library_or_raise()
+    if not lib.tessera_gru_pool_i8_supported():
+        raise RuntimeError("the int8 GRU kernel needs AVX-512 VNNI (see gru_pool_i8_available())")
+    b, t, d = x.shape
+    hd = query.shape[0]
+    if hd % 16 or d % 16 or hd < 16 or d < 16:
+        raise ValueError(f"Expected H and D multiples of 16. Got H {hd}, D {d}.")
+    _check_f32("x", x, (b, t, d))
+    _check_f32("out", out, (b, d))
+    _check_f32("query", query, (hd,))
+    _check_q_out(xq, (b * t, d))
+    for name, w, n, k in (("w_in", w_in, 3 * hd, d), ("w_rz", w_rz, 2 * hd, hd),
+                          ("w_hh", w_hh, hd, hd)):  # fmt: skip
+        packed, comp = w[0], w[1]
+        if packed.dtype != torch.int8 or packed.numel() != n * k or not packed.is_contiguous():
+            raise ValueError(f"Expected {name} packed int8 of {n * k} values (pack_vnni).")
+        if comp.dtype != torch.int32 or tuple(comp.shape) != (n,) or not comp.is_contiguous():
+            raise ValueError(f"Expected {name} comp int32 of shape ({n},).")
+        for label, v in zip(("scale", "bias"), w[2:], strict=False):
+            _check_f32(f"{name} {label}", v, (n,))
+    rc = lib.tessera_gru_pool_i8_mt(
+        xq[0].data_ptr(), xq[1].data_ptr(), x.data_ptr(), out.data_ptr(), b, t, hd, d,
+        *(p.data_ptr() for p in (*w_in, *w_rz, *w_hh)), query.data_ptr(), c, eps,
+        _parts(b, torch.get_num_threads(), MIN_GRU_ROWS_PER_THREAD),
+    )
+    if rc != 0:
+        raise RuntimeError(f"tessera_gru_pool_i8 failed for x {tuple(x.shape)} (code {rc})")
     return out

@@ -287,10 +287,12 @@ def linear(x: Tensor, lin_weight: Tensor, lin_bias: Tensor | None,
     return y.relu_() if relu else y
 
 
-def _dense_layers(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
+def _dense_layers(
+    model: nn.Module, precision: str = "fp32"
+) -> dict[str, tuple[Tensor, Tensor | None]]:
     """(weight, bias) of the dense layers of both backbones and of the fusion head
     (``dim_reducer.head_0``/``head_4``, :func:`tessera_model.heads.head_linears`), by
-    :func:`cpu_weights` key."""
+    :func:`cpu_weights` key; the GRU's keys depend on ``precision``."""
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
     for name in ("s2_backbone", "s1_backbone"):
         enc = getattr(model, name)
@@ -304,16 +306,23 @@ def _dense_layers(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
             out[f"{pre}.linear1"] = (layer.linear1.weight, layer.linear1.bias)
             out[f"{pre}.linear2"] = (layer.linear2.weight, layer.linear2.bias)
         cell = getattr(getattr(enc.attn_pool, "temporal_context", None), "gru_cell", None)
-        if cell is not None and _fused_scan(cell):  # small cells: tessera_model.pooling
+        if cell is None:
+            continue
+        w_in = torch.cat([cell.W_ir.weight, cell.W_iz.weight, cell.W_ih.weight], dim=0)
+        b_in = torch.cat([cell.b_r, cell.b_z, cell.b_h])
+        w_rz = torch.cat([cell.W_hr.weight, cell.W_hz.weight], dim=0)
+        if precision == "int8-dynamic":  # TemporalAttentionPooling.forward_int8
+            out[f"{name}.gru_in"] = (w_in, b_in)
+            out[f"{name}.gru_i8_rz"] = (w_rz, None)
+            out[f"{name}.gru_i8_hh"] = (cell.W_hh.weight, None)
+        elif _fused_scan(cell):  # small cells: tessera_model.pooling.scan_time_major
             from tessera_model.pooling import fused_scan_weights
 
-            (w_rz, b_rz), (w_h, b_h) = fused_scan_weights(cell)
-            out[f"{name}.gru_xrz"] = (w_rz, b_rz)
+            (w_xrz, b_rz), (w_h, b_h) = fused_scan_weights(cell)
+            out[f"{name}.gru_xrz"] = (w_xrz, b_rz)
             out[f"{name}.gru_xh"] = (w_h, b_h)
-        elif cell is not None:
-            w_in = torch.cat([cell.W_ir.weight, cell.W_iz.weight, cell.W_ih.weight], dim=0)
-            out[f"{name}.gru_in"] = (w_in, torch.cat([cell.b_r, cell.b_z, cell.b_h]))
-            w_rz = torch.cat([cell.W_hr.weight, cell.W_hz.weight], dim=0)
+        else:
+            out[f"{name}.gru_in"] = (w_in, b_in)
             out[f"{name}.gru_rz"] = (w_rz, None)
             out[f"{name}.gru_hh2"] = (2.0 * cell.W_hh.weight.detach(), None)  # exact doubling
     head = getattr(model, "dim_reducer", None)
@@ -333,11 +342,9 @@ def _fused_scan(cell: nn.Module) -> bool:
     return max(w.shape) <= FUSED_SCAN_MAX_DIM
 
 
-FLOAT_ONLY = ("embedding_in", "gru_rz", "gru_hh2", "gru_xrz", "gru_xh", "head_0", "head_4")
+FLOAT_ONLY = ("embedding_in", "head_0", "head_4")
 """Keys that stay float32 (packed for oneDNN) under ``int8-dynamic``: the 10- or 2-channel
-band input map and the GRU recurrence (the module docstring's float32 parts; ``gru_xrz`` and
-``gru_xh`` carry the GRU's input maps inside its step GEMMs, so small cells' input maps stay
-float32 too), and the fusion head's Linears (``dim_reducer.head_0``/``head_4``: one row per
+band input map, and the fusion head's Linears (``dim_reducer.head_0``/``head_4``: one row per
 pixel, under 1 % of the FLOP, so int8 would buy nothing and cost accuracy)."""
 
 
@@ -370,7 +377,7 @@ def cpu_weights(
     pack = USE_ONEDNN and onednn_available()
     out: dict[str, QuantisedWeight | PackedWeight] = {}
     with torch.no_grad():
-        for key, (w, b) in _dense_layers(model).items():
+        for key, (w, b) in _dense_layers(model, precision).items():
             if precision == "int8-dynamic" and key.rsplit(".", 1)[-1] not in FLOAT_ONLY:
                 out[key] = quantise_weight(w, b)
             elif pack:

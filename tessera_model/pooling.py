@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from tessera_model import cpu_kernels
-from tessera_model.int8 import PackedWeight, QuantisedWeight, linear
+from tessera_model.int8 import (
+    PackedWeight, Quantised, QuantisedWeight, int8_linear, linear, quantise_rows,
+)  # fmt: skip
 
 Recurrent = tuple[PackedWeight | None, PackedWeight | None]
 
@@ -276,6 +278,68 @@ class TemporalAttentionPooling(nn.Module):
         weights = weights.to(x.dtype)
         return (weights * x).sum(dim=1)
 
+    def query_constants(self) -> tuple[Tensor, float]:
+        """``(a, c)`` with ``query(LayerNorm(h)) = rstd (a . (h - mean)) + c``: ``a`` the query's
+        weight times the LayerNorm's (H,) float32, ``c`` the query's bias plus its dot product
+        with the LayerNorm's bias (computed in float64)."""
+        ln = self.layer_norm
+        params = (self.query.weight, self.query.bias, ln.weight, ln.bias)
+        stamp = tuple((id(p), p._version) for p in params if p is not None)
+        cached = getattr(self, "_query_constants", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        w = self.query.weight.detach()[0].double()
+        lw = ln.weight.detach().double() if ln.weight is not None else torch.ones_like(w)
+        c = float(self.query.bias.detach().double()[0])
+        if ln.bias is not None:
+            c += float(w @ ln.bias.detach().double())
+        value = ((w * lw).float().contiguous(), c)
+        object.__setattr__(self, "_query_constants", (stamp, value))
+        return value
+
+    def forward_int8(
+        self, x: Tensor, xq: Quantised | None, w_in: QuantisedWeight, w_rz: QuantisedWeight,
+        w_hh: QuantisedWeight, out: Tensor | None = None, ws: dict | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Int8-dynamic CPU inference form of :meth:`forward`: the GRU's input maps and
+        recurrence in int8 (:func:`gru_pool_int8_torch`), through the compiled kernel
+        (:func:`tessera_model.cpu_kernels.gru_pool_i8`, which makes the input maps step by
+        step, in cache) where it runs and the widths allow, else torch's ops.
+
+        Args:
+            x: (B, T, D) float32 transformer outputs.
+            xq: their int8 rows (:data:`tessera_model.int8.Quantised`, (B T, D)), or ``None``
+                (then quantised here).
+            w_in, w_rz, w_hh: int8 ``[W_ir; W_iz; W_ih]`` (with the biases), ``[W_hr; W_hz]``
+                and ``W_hh`` (:mod:`tessera_model.int8` keys ``gru_in``, ``gru_i8_rz``,
+                ``gru_i8_hh``).
+            out: optional (B, D) float32 buffer.
+            ws: optional workspace (the torch form's input maps).
+
+        Returns:
+            (B, D); for T = 1 the single step itself.
+        """
+        b, t, d = x.shape
+        out = torch.empty(b, d, dtype=x.dtype) if out is None else out
+        if t == 1:
+            return out.copy_(x[:, 0])
+        a, c = self.query_constants()
+        eps = self.layer_norm.eps
+        flat = x.reshape(b * t, d)
+        xq = quantise_rows(flat) if xq is None else xq
+        if (
+            cpu_kernels.gru_pool_i8_available() and a.shape[0] % 16 == 0 and d % 16 == 0
+            and w_in.vnni is not None and w_rz.vnni is not None and w_hh.vnni is not None
+            and x.is_contiguous() and out.is_contiguous() and xq[0].is_contiguous()
+        ):  # fmt: skip
+            return cpu_kernels.gru_pool_i8(
+                xq, x, (w_in.vnni, w_in.comp, w_in.scale, w_in.bias),
+                (w_rz.vnni, w_rz.comp, w_rz.scale), (w_hh.vnni, w_hh.comp, w_hh.scale), a, c,
+                eps, out,
+            )  # type: ignore[arg-type]
+        gi = int8_linear(None, w_in, None, ws, xq=xq).view(b, t, -1)
+        return out.copy_(gru_pool_int8_torch(gi, x, w_rz, w_hh, a, c, eps))
+
     def scan_buffer(self, ws: dict, batch: int, steps: int, like: Tensor) -> Tensor:
         """The (T + 1, B, D + H) buffer of :meth:`forward_time_major`; fill ``[:T, :, :D]``."""
         d = self.layer_norm.normalized_shape[0]
@@ -316,3 +380,49 @@ class TemporalAttentionPooling(nn.Module):
         weights = torch.softmax(scores.view(steps, -1).t(), dim=1)  # (B, T)
         x = xh[:steps, :, :d].transpose(0, 1)  # (B, T, D), strided
         return torch.bmm(weights.unsqueeze(1), x).squeeze(1)
+
+
+def gru_pool_int8_torch(
+    gi: Tensor, x: Tensor, w_rz: QuantisedWeight, w_hh: QuantisedWeight, a: Tensor, c: float,
+    eps: float,
+) -> Tensor:  # fmt: skip
+    """The int8-dynamic GRU recurrence and pooling in torch's ops (``kernels/gru_i8.c``'s math).
+
+    Per step t > 0 the hidden state's rows are quantised (:func:`tessera_model.int8.
+    quantise_rows`) and multiplied by the int8 ``[W_hr; W_hz]``; the rows of ``r * h`` likewise
+    by the int8 ``W_hh`` (exact integer sums, then the two scales); activations, the state
+    update and the pooling stay float32. ``tanh(a) = 2 sigmoid(2a) - 1`` and the LayerNorm and
+    query as ``rstd (a . (h - mean)) + c`` (:meth:`TemporalAttentionPooling.query_constants`),
+    as the kernel computes them.
+
+    Args:
+        gi: (B, T, 3H) input maps with biases; x: (B, T, D); w_rz, w_hh: int8 weights;
+        a, c, eps: the query constants and the LayerNorm's epsilon.
+
+    Returns:
+        (B, D) float32.
+    """
+    b, t, h3 = gi.shape
+    hd = h3 // 3
+    scores = torch.empty(b, t, dtype=torch.float32)
+    h = torch.sigmoid(gi[:, 0, hd : 2 * hd]) * _tanh(gi[:, 0, 2 * hd :])
+    for s in range(t):
+        if s:
+            g = gi[:, s]
+            q, sc = quantise_rows(h.contiguous())
+            acc = (q.to(torch.int32) @ w_rz.wq_t.to(torch.int32)).float()  # exact
+            rz = torch.sigmoid(acc * w_rz.scale * sc + g[:, : 2 * hd])
+            q, sc = quantise_rows((h * rz[:, :hd]).contiguous())
+            acc = (q.to(torch.int32) @ w_hh.wq_t.to(torch.int32)).float()
+            h_tilde = _tanh(acc * w_hh.scale * sc + g[:, 2 * hd :])
+            h = h + rz[:, hd:] * (h_tilde - h)
+        centred = h - h.mean(dim=1, keepdim=True)
+        rstd = torch.rsqrt((centred * centred).mean(dim=1) + eps)
+        scores[:, s] = rstd * (centred @ a) + c
+    weights = torch.softmax(scores, dim=1)
+    return torch.bmm(weights.unsqueeze(1), x).squeeze(1)
+
+
+def _tanh(x: Tensor) -> Tensor:
+    """``tanh(x) = 2 sigmoid(2x) - 1`` (the kernel's form)."""
+    return torch.sigmoid(2.0 * x).mul_(2.0).sub_(1.0)

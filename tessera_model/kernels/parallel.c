@@ -151,3 +151,48 @@ int tessera_gemm_i8_mt(const int8_t *q, const int8_t *wp, const int32_t *comp, c
                                    ln, ln_w, ln_b, ln_eps);
     return rc ? rc : tessera_parallel(gemm_part, &a, rows, parts);
 }
+
+int tessera_gru_pool_i8(const int8_t *xq, const float *xs, const float *x, float *out,
+                        int64_t r0, int64_t r1, int64_t t, int64_t hd, int64_t d,
+                        const int8_t *wx, const int32_t *cx, const float *sx, const float *bx,
+                        const int8_t *wrz, const int32_t *crz, const float *srz,
+                        const int8_t *whh, const int32_t *chh, const float *shh, const float *a,
+                        float c, float eps);
+
+typedef struct {
+    const int8_t *xq;
+    const float *xs, *x;
+    float *out;
+    int64_t t, hd, d;
+    const int8_t *wx;
+    const int32_t *cx;
+    const float *sx, *bx;
+    const int8_t *wrz;
+    const int32_t *crz;
+    const float *srz;
+    const int8_t *whh;
+    const int32_t *chh;
+    const float *shh, *a;
+    float c, eps;
+} gru_args;
+
+static int gru_part(void *ctx, int64_t r0, int64_t r1) {
+    const gru_args *g = ctx;
+    return tessera_gru_pool_i8(g->xq, g->xs, g->x, g->out, r0, r1, g->t, g->hd, g->d, g->wx,
+                               g->cx, g->sx, g->bx, g->wrz, g->crz, g->srz, g->whh, g->chh,
+                               g->shh, g->a, g->c, g->eps);
+}
+
+int tessera_gru_pool_i8_mt(const int8_t *xq, const float *xs, const float *x, float *out,
+                           int64_t rows, int64_t t, int64_t hd, int64_t d, const int8_t *wx,
+                           const int32_t *cx, const float *sx, const float *bx,
+                           const int8_t *wrz, const int32_t *crz, const float *srz,
+                           const int8_t *whh, const int32_t *chh, const float *shh,
+                           const float *a, float c, float eps, int parts) {
+    gru_args g = {xq, xs, x, out, t, hd, d, wx, cx, sx, bx, wrz, crz, srz, whh, chh, shh, a,
+                  c, eps};
+    /* sizes checked once, before the split */
+    const int rc = tessera_gru_pool_i8(xq, xs, x, out, 0, 0, t, hd, d, wx, cx, sx, bx, wrz, crz,
+                                       srz, whh, chh, shh, a, c, eps);
+    return rc ? rc : tessera_parallel(gru_part, &g, rows, parts);
+}

@@ -125,11 +125,13 @@ def test_int8_rows_are_quantised_independently() -> None:
     torch.testing.assert_close(y[4], lin.bias.detach())
 
 
+@pytest.mark.parametrize("preset", ["v1", "small"])
 def test_int8_embeddings_close_to_fp32_per_pixel_and_batch_independent(
-    tile_pixels: TilePixels,
+    tile_pixels: TilePixels, preset: str
 ) -> None:
-    """v1.0 (the real preset): cosine >= 0.999 on every pixel; two batch sizes, same bytes."""
-    model = _model(ModelSpec.preset("v1"))
+    """v1.0 (the real preset) and small (int8 GRU through the kernel's fused input maps):
+    cosine >= 0.999 on every pixel; two batch sizes, same bytes."""
+    model = _model(ModelSpec.preset(preset))
     p = tile_pixels
 
     def run(bs: int, precision: str) -> np.ndarray:

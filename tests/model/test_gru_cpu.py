@@ -125,15 +125,19 @@ def test_a_pixel_gets_the_same_bits_wherever_it_sits_in_the_chunk() -> None:
 
 
 @needs_onednn
-@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic"])
-def test_small_cells_get_fused_scan_weights_in_float32(precision: str) -> None:
+def test_gru_weights_by_precision() -> None:
+    """fp32: small cells the fused-scan maps, wide cells the precomputed input map; int8: every
+    cell the int8 input and recurrent maps (TemporalAttentionPooling.forward_int8)."""
     torch.manual_seed(0)
     model = TesseraModel(ModelSpec.preset("small"), with_projector=False).eval()
-    qw = cpu_weights(model, precision)
+    qw, q8 = cpu_weights(model, "fp32"), cpu_weights(model, "int8-dynamic")
     for name in ("s2_backbone", "s1_backbone"):
         assert isinstance(qw[f"{name}.gru_xrz"], PackedWeight)
         assert isinstance(qw[f"{name}.gru_xh"], PackedWeight)
         assert f"{name}.gru_in" not in qw and f"{name}.gru_rz" not in qw
+        for key in ("gru_in", "gru_i8_rz", "gru_i8_hh"):
+            assert isinstance(q8[f"{name}.{key}"], int8.QuantisedWeight)
+        assert not any(k.startswith(f"{name}.gru_x") for k in q8)
     assert int8._fused_scan(GRUCell(64, 64))
     assert not int8._fused_scan(GRUCell(512, 512))  # v1, v1.1 keep the precomputed input map
 
