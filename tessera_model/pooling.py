@@ -20,8 +20,13 @@ from torch import Tensor, nn
 
 from tessera_model import cpu_kernels
 from tessera_model.int8 import (
-    PackedWeight, Quantised, QuantisedWeight, int8_linear, linear, quantise_rows,
-)  # fmt: skip
+    PackedWeight,
+    Quantised,
+    QuantisedWeight,
+    int8_linear,
+    linear,
+    quantise_rows,
+)
 
 Recurrent = tuple[PackedWeight | None, PackedWeight | None]
 
@@ -332,11 +337,9 @@ class TemporalAttentionPooling(nn.Module):
             and w_in.vnni is not None and w_rz.vnni is not None and w_hh.vnni is not None
             and x.is_contiguous() and out.is_contiguous() and xq[0].is_contiguous()
         ):  # fmt: skip
-            return cpu_kernels.gru_pool_i8(
-                xq, x, (w_in.vnni, w_in.comp, w_in.scale, w_in.bias),
-                (w_rz.vnni, w_rz.comp, w_rz.scale), (w_hh.vnni, w_hh.comp, w_hh.scale), a, c,
-                eps, out,
-            )  # type: ignore[arg-type]
+            ins = (w_in.vnni, w_in.comp, w_in.scale, w_in.bias)
+            rec = ((w_rz.vnni, w_rz.comp, w_rz.scale), (w_hh.vnni, w_hh.comp, w_hh.scale))
+            return cpu_kernels.gru_pool_i8(xq, x, ins, *rec, a, c, eps, out)  # type: ignore[arg-type]
         gi = int8_linear(None, w_in, None, ws, xq=xq).view(b, t, -1)
         return out.copy_(gru_pool_int8_torch(gi, x, w_rz, w_hh, a, c, eps))
 
