@@ -5,7 +5,8 @@ LayerNorm (:func:`layer_norm`), and the int8-dynamic path's row quantisation and
 (:func:`quantise_rows`, :func:`dequantise`: the values of their torch forms in
 :mod:`tessera_model.int8`, in one pass instead of six to eight) and, with AVX-512 VNNI, its
 GEMM with the epilogue fused (:func:`gemm_i8`: the bits of ``torch._int_mm`` then
-:func:`dequantise`). The attention, LayerNorm and epilogues can also write their output rows'
+:func:`dequantise`) and its GRU pooling (:func:`gru_pool_i8`: input maps, int8 recurrence and
+pooling of a block of pixels in one pass). The attention, LayerNorm and epilogues can also write their output rows'
 int8 form (``q_out``), made while the rows are in cache: the next int8 layer's input.
 
 torch's CPU attention for TESSERA's short sequences (T = 8-256 tokens) and narrow heads (16-192

@@ -1,8 +1,7 @@
 """Int8 CPU inference: dynamic quantisation with one activation scale per row (per token).
 
 The dense layers that carry almost all the FLOP (band-embedding ``Linear(d, d)``, QKV, attention
-output, both FFN layers, the GRU input maps of cells wider than
-:data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM`) run as ``int8 x int8 -> int32`` matrix products
+output, both FFN layers, the GRU's input and recurrent maps) run as ``int8 x int8 -> int32`` matrix products
 instead of float32 GEMMs: with AVX-512 VNNI through the fused kernel
 :func:`tessera_model.cpu_kernels.gemm_i8` (product, epilogue, optional LayerNorm and the next
 layer's int8 rows in one pass; :data:`USE_GEMM_I8`), else :func:`torch._int_mm` and the epilogue
@@ -17,13 +16,16 @@ kernel (the same bits):
 Unlike torch's stock dynamic quantisation (one activation scale per tensor, i.e. per batch), a
 row's result depends only on that row, so a pixel's embedding is the same whatever other pixels
 share its batch (the project's rule: bit-identical whatever the batch size or tile split).
-Attention scores, softmax, LayerNorm, the GRU recurrence and the fusion head stay float32.
+The GRU recurrence quantises its state's rows at every step (``h`` and ``r * h``, the same
+rule; :meth:`tessera_model.pooling.TemporalAttentionPooling.forward_int8`, with AVX-512 VNNI
+one compiled kernel for the input maps, the recurrence and the pooling). Attention scores,
+softmax, LayerNorm, the gates' activations and the fusion head stay float32.
 Accuracy against the float32 path: cosine >= 0.999 per pixel is tested
 (``tests/model/test_cpu_inference.py``); speed in ``BENCHMARKS.md``.
 
 The float32 dense layers of CPU inference are here too (:func:`linear`, :func:`cpu_weights`):
 oneDNN GEMMs with weights packed once per model and bias, residual and ReLU fused
-(:data:`USE_ONEDNN`), the GRU recurrent maps included, in both precisions.
+(:data:`USE_ONEDNN`), the GRU's maps included under ``fp32``.
 """
 
 from __future__ import annotations
@@ -354,10 +356,12 @@ def cpu_weights(
     """Prepared weights of a TESSERA model's dense layers for CPU inference, cached on it.
 
     Keys: ``"<backbone>.{embedding_in,embedding}"``, ``"<backbone>.layers.<i>.{in_proj,
-    out_proj,linear1,linear2}"`` and, for GRU pooling, ``"<backbone>.{gru_in,gru_rz,gru_hh2}"``
-    (``gru_hh2``: twice ``W_hh``, for ``tanh(a) = 2 sigmoid(2a) - 1``), or for cells up to
-    :data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM` wide ``"<backbone>.{gru_xrz,gru_xh}"``
-    (:func:`tessera_model.pooling.fused_scan_weights`), for ``<backbone>`` in
+    out_proj,linear1,linear2}"`` and, for GRU pooling, under ``fp32``
+    ``"<backbone>.{gru_in,gru_rz,gru_hh2}"`` (``gru_hh2``: twice ``W_hh``, for ``tanh(a) = 2
+    sigmoid(2a) - 1``), or for cells up to :data:`tessera_model.pooling.FUSED_SCAN_MAX_DIM` wide
+    ``"<backbone>.{gru_xrz,gru_xh}"`` (:func:`tessera_model.pooling.fused_scan_weights`), and
+    under ``int8-dynamic`` ``"<backbone>.{gru_in,gru_i8_rz,gru_i8_hh}"`` (the stacked input,
+    ``[W_hr; W_hz]`` and ``W_hh`` maps), for ``<backbone>`` in
     ``s2_backbone``/``s1_backbone``; and the fusion head's Linears ``"dim_reducer.head_0"``
     (and ``"dim_reducer.head_4"`` for v1.1/v2; :func:`tessera_model.heads.head_linears`).
     ``int8-dynamic``: :class:`QuantisedWeight` except the
