@@ -265,18 +265,27 @@ def content_key(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
+CODE_SUFFIXES = (".py", ".c", ".h")
+"""Source files of a package that :func:`code_version` hashes."""
+
+
 @functools.cache
 def code_version(*modules: str) -> str:
     """Hash of the source of the given modules or packages (dotted names); part of cache keys.
 
     Each stage names the code its output depends on, so changing the model does not
-    invalidate cached scenes, while changing the synthetic Earth does.
+    invalidate cached scenes, while changing the synthetic Earth does. A package counts its
+    compiled kernels' C sources too (:data:`CODE_SUFFIXES`: ``tessera_model/kernels``).
     """
     h = hashlib.sha256()
     root = Path(__file__).resolve().parents[1]
     for mod in sorted(modules):
         path = root.joinpath(*mod.split("."))
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+        files = (
+            sorted(f for f in path.rglob("*") if f.suffix in CODE_SUFFIXES and f.is_file())
+            if path.is_dir()
+            else [path.with_suffix(".py")]
+        )
         for f in files:
             h.update(f.relative_to(root).as_posix().encode())
             h.update(f.read_bytes())

@@ -76,3 +76,25 @@ def test_progress_counts_committed_stages(tmp_path):
     (tmp_path / "scenes" / "t1" / "k.zarr.done.json").write_text("{}")
     (tmp_path / "masks" / "t2").mkdir(parents=True)  # a partial result: no marker yet
     assert p.count() == 1
+
+
+def test_code_version_counts_the_kernel_sources(tmp_path, monkeypatch) -> None:
+    """A change to a compiled kernel's C source changes the model's code version (embeddings
+    cached by the old kernels are not served)."""
+    import tasks.storage as storage
+
+    pkg = tmp_path / "pkg"
+    (pkg / "kernels").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "kernels" / "k.c").write_text("int f(void) { return 1; }\n")
+    (pkg / "kernels" / "k.h").write_text("#define X 1\n")
+    (pkg / "notes.txt").write_text("a")
+    monkeypatch.setattr(storage, "__file__", str(tmp_path / "tasks" / "storage.py"))
+    version = storage.code_version.__wrapped__  # uncached: the files change under it
+    v0 = version("pkg")
+    (pkg / "notes.txt").write_text("b")  # not code
+    assert version("pkg") == v0
+    (pkg / "kernels" / "k.c").write_text("int f(void) { return 2; }\n")
+    v1 = version("pkg")
+    (pkg / "kernels" / "k.h").write_text("#define X 2\n")
+    assert len({v0, v1, version("pkg")}) == 3
