@@ -269,6 +269,8 @@ def _check_quant(lib: ctypes.CDLL, gen: torch.Generator) -> None:
         raise RuntimeError("dequantise self-check failed: fused int8 rows")
     if lib.tessera_gemm_i8_supported():
         _check_gemm_i8(lib, gen)
+    if lib.tessera_gru_pool_i8_supported():
+        _check_gru_pool_i8(lib, gen)
 
 
 def _check_gemm_i8(lib: ctypes.CDLL, gen: torch.Generator) -> None:
@@ -289,6 +291,53 @@ def _check_gemm_i8(lib: ctypes.CDLL, gen: torch.Generator) -> None:
         _gemm_i8(lib, q, packed, comp, sw, sx, b, res, relu, got, (qo, so), 1)
         if not (torch.equal(got, want) and _same_quantisation(lib, want, qo, so)):
             raise RuntimeError(f"gemm_i8 self-check failed (n={n}, k={k})")
+
+
+def _check_gru_pool_i8(lib: ctypes.CDLL, gen: torch.Generator) -> None:
+    """The int8 GRU pooling against the same math in float64 (a wrong build gives garbage; a
+    rounding flip of one int8 value moves the result by less than the tolerance; measured 1e-6)."""
+    from tessera_model.int8 import pack_vnni
+
+    b, t, hd = 3, 6, 16
+    xq = torch.randint(-127, 128, (b * t, hd), dtype=torch.int8, generator=gen)
+    xs = torch.rand(b * t, 1, generator=gen) * 0.02
+    x = torch.randn(b, t, hd, generator=gen)
+    w = {n: torch.randint(-127, 128, (n, hd), dtype=torch.int8, generator=gen)
+         for n in (3 * hd, 2 * hd, hd)}  # fmt: skip
+    sw = {n: torch.rand(n, generator=gen) * 0.02 for n in w}
+    bias, a = torch.randn(3 * hd, generator=gen), torch.randn(hd, generator=gen)
+    packed = {n: pack_vnni(w[n]) for n in w}
+    out = torch.empty(b, hd)
+    ptrs = [p.data_ptr() for n, extra in ((3 * hd, (bias,)), (2 * hd, ()), (hd, ()))
+            for p in (*packed[n], sw[n], *extra)]  # fmt: skip
+    rc = lib.tessera_gru_pool_i8_mt(xq.data_ptr(), xs.data_ptr(), x.data_ptr(), out.data_ptr(),
+                                    b, t, hd, hd, *ptrs, a.data_ptr(), 0.25, 1e-5, 1)  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"gru_pool_i8 self-check failed (code {rc})")
+
+    def mm(q: Tensor, n: int) -> Tensor:  # exact integer product, then the channel scales
+        return (q.double() @ w[n].double().t()) * sw[n].double()
+
+    def rows(v: Tensor) -> tuple[Tensor, Tensor]:  # quantise_rows, in float64
+        s = v.abs().amax(1, keepdim=True).float().double() / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return torch.round(v / s), s
+
+    gi = (mm(xq, 3 * hd) * xs.double() + bias.double()).view(b, t, 3 * hd)
+    h = torch.zeros(b, hd, dtype=torch.float64)
+    scores = torch.empty(b, t, dtype=torch.float64)
+    for step in range(t):
+        g = gi[:, step]
+        q, s = rows(h)
+        rz = torch.sigmoid(mm(q, 2 * hd) * s + g[:, : 2 * hd])
+        q, s = rows(rz[:, :hd] * h)
+        h = h + rz[:, hd:] * (torch.tanh(mm(q, hd) * s + g[:, 2 * hd :]) - h)
+        cen = h - h.mean(1, keepdim=True)
+        scores[:, step] = cen @ a.double() / torch.sqrt((cen * cen).mean(1) + 1e-5) + 0.25
+    want = torch.bmm(torch.softmax(scores, 1).unsqueeze(1), x.double()).squeeze(1)
+    err = float((out.double() - want).abs().max())
+    if not err <= 1e-3 * max(1.0, float(want.abs().max())):
+        raise RuntimeError(f"gru_pool_i8 self-check failed: error {err:.2e}")
 
 
 def _same_quantisation(lib: ctypes.CDLL, y: Tensor, q: Tensor, s: Tensor) -> bool:
