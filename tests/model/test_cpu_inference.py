@@ -153,8 +153,9 @@ def test_int8_embeddings_close_to_fp32_per_pixel_and_batch_independent(
     np.testing.assert_array_equal(run(20, "int8-dynamic"), q)
 
 
-def test_int8_binned_v2_close_and_batch_independent() -> None:
-    model = _model(ModelSpec.preset("v2-nano"))
+@pytest.mark.parametrize("preset", ["v2-nano", "v1.1"])  # v1.1: the int8 GRU, binned inputs
+def test_int8_binned_close_and_batch_independent(preset: str) -> None:
+    model = _model(ModelSpec.preset(preset))
     px = edge_pixels(t2=60)
 
     s1 = np.concatenate([px["asc"], px["desc"]], axis=1)
