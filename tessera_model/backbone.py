@@ -105,11 +105,13 @@ class ModalityEncoder(nn.Module):
         if isinstance(pool, TemporalAttentionPooling) and isinstance(w_rz8, QuantisedWeight):
             # int8: per piece, the transformer, the GRU input maps from its last layer's int8
             # rows, then the int8 recurrence and the pooling, while the piece is in cache
+            # (the torch form, without the kernel, pools the whole chunk: its cost is per step)
             out = torch.empty(b, d, dtype=x.dtype)
             w_in, w_hh8 = qw[f"{prefix}.gru_in"], qw[f"{prefix}.gru_i8_hh"]
-            for start in range(0, b, sub):
-                piece, pq = self._transformer_cpu(x[start : start + sub], ws, qw, prefix, True)
-                pool.forward_int8(piece, pq, w_in, w_rz8, w_hh8, out[start : start + sub], ws)
+            step = sub if pool.int8_kernel_runs(w_in, w_rz8, w_hh8) else b
+            for start in range(0, b, step):
+                piece, pq = self._transformer_cpu(x[start : start + step], ws, qw, prefix, True)
+                pool.forward_int8(piece, pq, w_in, w_rz8, w_hh8, out[start : start + step], ws)
             return out
         w_rz, w_h = qw.get(f"{prefix}.gru_xrz"), qw.get(f"{prefix}.gru_xh")
         if isinstance(pool, TemporalAttentionPooling) and t > 1 and w_rz is not None:

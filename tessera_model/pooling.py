@@ -302,6 +302,17 @@ class TemporalAttentionPooling(nn.Module):
         object.__setattr__(self, "_query_constants", (stamp, value))
         return value
 
+    def int8_kernel_runs(
+        self, w_in: QuantisedWeight, w_rz: QuantisedWeight, w_hh: QuantisedWeight
+    ) -> bool:
+        """Whether :meth:`forward_int8` runs the compiled kernel (else its torch form, whose
+        per-step ops want large batches)."""
+        d = self.layer_norm.normalized_shape[0]
+        return (
+            cpu_kernels.gru_pool_i8_available() and d % 16 == 0
+            and w_in.vnni is not None and w_rz.vnni is not None and w_hh.vnni is not None
+        )  # fmt: skip
+
     def forward_int8(
         self, x: Tensor, xq: Quantised | None, w_in: QuantisedWeight, w_rz: QuantisedWeight,
         w_hh: QuantisedWeight, out: Tensor | None = None, ws: dict | None = None,
@@ -333,8 +344,7 @@ class TemporalAttentionPooling(nn.Module):
         flat = x.reshape(b * t, d)
         xq = quantise_rows(flat) if xq is None else xq
         if (
-            cpu_kernels.gru_pool_i8_available() and a.shape[0] % 16 == 0 and d % 16 == 0
-            and w_in.vnni is not None and w_rz.vnni is not None and w_hh.vnni is not None
+            self.int8_kernel_runs(w_in, w_rz, w_hh)
             and x.is_contiguous() and out.is_contiguous() and xq[0].is_contiguous()
         ):  # fmt: skip
             ins = (w_in.vnni, w_in.comp, w_in.scale, w_in.bias)
@@ -407,21 +417,23 @@ def gru_pool_int8_torch(
     """
     b, t, h3 = gi.shape
     hd = h3 // 3
-    scores = torch.empty(b, t, dtype=torch.float32)
+    states = torch.empty(b, t, hd, dtype=torch.float32)
     h = torch.sigmoid(gi[:, 0, hd : 2 * hd]) * _tanh(gi[:, 0, 2 * hd :])
-    for s in range(t):
-        if s:
-            g = gi[:, s]
-            q, sc = quantise_rows(h.contiguous())
-            acc = (q.to(torch.int32) @ w_rz.wq_t.to(torch.int32)).float()  # exact
-            rz = torch.sigmoid(acc * w_rz.scale * sc + g[:, : 2 * hd])
-            q, sc = quantise_rows((h * rz[:, :hd]).contiguous())
-            acc = (q.to(torch.int32) @ w_hh.wq_t.to(torch.int32)).float()
-            h_tilde = _tanh(acc * w_hh.scale * sc + g[:, 2 * hd :])
-            h = h + rz[:, hd:] * (h_tilde - h)
-        centred = h - h.mean(dim=1, keepdim=True)
-        rstd = torch.rsqrt((centred * centred).mean(dim=1) + eps)
-        scores[:, s] = rstd * (centred @ a) + c
+    states[:, 0] = h
+    for s in range(1, t):
+        g = gi[:, s]
+        q, sc = quantise_rows(h)
+        # exact integer sums, then the scales
+        rz = torch._int_mm(q, w_rz.wq_t).float().mul_(w_rz.scale).mul_(sc)
+        rz = rz.add_(g[:, : 2 * hd]).sigmoid_()
+        q, sc = quantise_rows(rz[:, :hd] * h)
+        h_tilde = torch._int_mm(q, w_hh.wq_t).float().mul_(w_hh.scale).mul_(sc)
+        h_tilde = _tanh(h_tilde.add_(g[:, 2 * hd :]))
+        h = torch.addcmul(h, rz[:, hd:], h_tilde.sub_(h))
+        states[:, s] = h
+    centred = states - states.mean(dim=2, keepdim=True)
+    rstd = torch.rsqrt((centred * centred).mean(dim=2) + eps)
+    scores = rstd * (centred @ a) + c
     weights = torch.softmax(scores, dim=1)
     return torch.bmm(weights.unsqueeze(1), x).squeeze(1)
 
