@@ -11,8 +11,8 @@
  * tensor, no head-major copies of Q, K and V, no separate softmax passes.
  *
  * Plain C with GCC/Clang vector extensions (16 floats; the compiler maps them to the
- * machine's vector registers). The exponential is our own (range reduction to [-1/2, 1/2] and
- * a degree-6 polynomial of 2^f: relative error about 1e-7 in float32), so
+ * machine's vector registers). The exponential is our own (vec.h: range reduction to
+ * [-1/2, 1/2] and a polynomial of 2^f, relative error about 1e-7 in float32), so
  * the code needs no libm and no fast-math: the same binary gives the same bits on every run,
  * and every pixel's result depends only on that pixel's rows.
  */

@@ -21,13 +21,15 @@
  * precomputed; an all-zero row gets s = 1). The integer products use AVX-512 VNNI with the
  * rows fed as q + 128 and 128 sum_k w subtracted (comp), weights packed by pack_vnni
  * (gemm_i8.c's panels of 32 columns). tanh(a) = 2 sigmoid(2a) - 1; sigmoid through a
- * degree-5 exp2 (8e-8) and scalef. Each row's result depends only on that row,
+ * exp2 (vec.h; clamped to [-126, 126]). Each row's result depends only on that row,
  * in any block or thread split. The pure-torch form of the same math is
  * tessera_model.pooling.gru_pool_int8_torch (the fallback, and the tests' reference). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "vec.h"
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -44,16 +46,7 @@
 #define LOG2E 1.4426950408889634f
 
 static inline __attribute__((always_inline)) __m512 exp2_ps(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n); /* [-1/2, 1/2] */
-    /* 2^f on [-1/2, 1/2]: degree 5, fitted for least relative error (8e-8) */
-    __m512 p = _mm512_set1_ps(0.0013266970386325919f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675459745517631f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550742616002543f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022121753561676f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469491610631f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000710296983f));
-    return _mm512_scalef_ps(p, n); /* p 2^n; 0 or inf far out of range, no clamp needed */
+    return (__m512)exp2_clamped((vf)x); /* vec.h */
 }
 
 /* 1 / (1 + 2^(-x log2 e)) */

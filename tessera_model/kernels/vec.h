@@ -18,6 +18,25 @@ static inline __attribute__((unused)) vf vmax(vf a, vf b) {
 }
 
 /* 2^x elementwise, x clamped to [-126, 126] (2^-126 for anything lower: no subnormals). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* AVX-512: rounding and the power of two in one instruction each (vrndscaleps, vscalefps),
+ * 2^f on [-1/2, 1/2] by a degree-5 polynomial fitted for least relative error (8e-8): 10
+ * operations against 17 for the portable form below. */
+static inline __attribute__((unused)) vf exp2_clamped(vf x) {
+    const __m512 v =
+        _mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+    const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(v, n);
+    __m512 p = _mm512_set1_ps(0.0013266970386325919f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675459745517631f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550742616002543f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022121753561676f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469491610631f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000710296983f));
+    return (vf)_mm512_scalef_ps(p, n);
+}
+#else
 static inline __attribute__((unused)) vf exp2_clamped(vf x) {
     x = vmax(x, splat(-126.0f));
     {
@@ -44,6 +63,7 @@ static inline __attribute__((unused)) vf exp2_clamped(vf x) {
     memcpy(&scale, &e, sizeof(scale));
     return p * scale;
 }
+#endif
 
 /* Horizontal max and sum of a vector, returned in every lane (butterfly, then lane 0 broadcast,
  * so every lane holds the same value). */
