@@ -256,6 +256,10 @@ static void pool_row(const float *sc, float *w, int64_t t, const float *x, int64
 
 int tessera_gru_pool_i8_supported(void) { return HAVE_VNNI; }
 
+/* Pixels per block of tessera_gru_pool_i8: their tiles are in flight together at each step (a
+ * block of one tile waits on each step's latency: 1.6x the time per pixel). */
+int64_t tessera_gru_block_rows(int64_t hd) { return hd <= 128 ? 4 * MR : MR; }
+
 /* Rows [r0, r1) (pixels): xq (rows, t, d) int8 with scales xs (rows, t), the transformer
  * outputs' int8 rows, and x (rows, t, d) their floats; out (rows, d) floats. wx (3 hd, d): the
  * stacked input maps [W_ir; W_iz; W_ih] with bias bx; wrz, whh: the recurrent maps
@@ -273,7 +277,7 @@ int tessera_gru_pool_i8(const int8_t *xq, const float *xs, const float *x, float
     if (t < 1 || hd < 16 || hd % 16 || hd > MAX_H || d < 16 || d % 16 || d > MAX_H) return -1;
     if (r1 <= r0) return 0;
     const gru_t p = {wx, wrz, whh, cx, crz, chh, sx, bx, srz, shh, a, c, eps, t, hd, d};
-    const int64_t br = hd <= 128 ? 4 * MR : MR; /* rows per block: tiles in flight per step */
+    const int64_t br = tessera_gru_block_rows(hd);
     const int64_t wk = hd > d ? hd : d;
     float *h = malloc((size_t)(br * hd + MR * 5 * hd + br * t + t + 16) * sizeof(float));
     uint8_t *ua = malloc((size_t)(MR * wk));

@@ -158,6 +158,7 @@ int tessera_gru_pool_i8(const int8_t *xq, const float *xs, const float *x, float
                         const int8_t *wrz, const int32_t *crz, const float *srz,
                         const int8_t *whh, const int32_t *chh, const float *shh, const float *a,
                         float c, float eps);
+int64_t tessera_gru_block_rows(int64_t hd);
 
 typedef struct {
     const int8_t *xq;
@@ -174,10 +175,14 @@ typedef struct {
     const int32_t *chh;
     const float *shh, *a;
     float c, eps;
+    int64_t rows, block;
 } gru_args;
 
-static int gru_part(void *ctx, int64_t r0, int64_t r1) {
+/* The range is in whole blocks of tessera_gru_block_rows pixels (a thread's part never cuts
+ * a block into single tiles). */
+static int gru_part(void *ctx, int64_t u0, int64_t u1) {
     const gru_args *g = ctx;
+    const int64_t r0 = u0 * g->block, r1 = u1 * g->block < g->rows ? u1 * g->block : g->rows;
     return tessera_gru_pool_i8(g->xq, g->xs, g->x, g->out, r0, r1, g->t, g->hd, g->d, g->wx,
                                g->cx, g->sx, g->bx, g->wrz, g->crz, g->srz, g->whh, g->chh,
                                g->shh, g->a, g->c, g->eps);
@@ -189,10 +194,11 @@ int tessera_gru_pool_i8_mt(const int8_t *xq, const float *xs, const float *x, fl
                            const int8_t *wrz, const int32_t *crz, const float *srz,
                            const int8_t *whh, const int32_t *chh, const float *shh,
                            const float *a, float c, float eps, int parts) {
+    const int64_t block = tessera_gru_block_rows(hd);
     gru_args g = {xq, xs, x, out, t, hd, d, wx, cx, sx, bx, wrz, crz, srz, whh, chh, shh, a,
-                  c, eps};
+                  c, eps, rows, block};
     /* sizes checked once, before the split */
     const int rc = tessera_gru_pool_i8(xq, xs, x, out, 0, 0, t, hd, d, wx, cx, sx, bx, wrz, crz,
                                        srz, whh, chh, shh, a, c, eps);
-    return rc ? rc : tessera_parallel(gru_part, &g, rows, parts);
+    return rc ? rc : tessera_parallel(gru_part, &g, (rows + block - 1) / block, parts);
 }
